@@ -1,0 +1,1 @@
+"""Thin batch-job entry points; each parses config, calls `sae`, writes its manifest."""

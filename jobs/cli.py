@@ -1,0 +1,77 @@
+"""`gemma-sae`: one console command with a subcommand per stage, plus `pipeline`.
+
+    gemma-sae pipeline                          # the tiny local run (configs/local.yaml)
+    gemma-sae train --config configs/gemma2-2b-v5e-8.yaml train.steps=1000
+
+Problems the user can fix print one line (`error: ...`) and exit 2; a preempted training
+run exits 75 so that a supervisor retries it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+STAGES = ("demo", "tokenize", "train", "report", "pipeline")
+
+
+def _prepare_environment() -> None:
+    # Both must be set before JAX or Keras start. On a TPU or GPU host the CPU device count
+    # is irrelevant (JAX picks the accelerator); locally it gives the 8-device mesh.
+    devices = os.environ.get("GEMMA_SAE_CPU_DEVICES", "8")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gemma-sae", description="Train sparse autoencoders on Gemma activations."
+    )
+    parser.add_argument("stage", choices=STAGES, help="which stage to run")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. train.steps=100 workdir=gs://bucket/run",
+    )
+    parser.add_argument("--config", "-c", help="YAML config (default: the tiny local run)")
+    parser.add_argument(
+        "--force", action="store_true", help="run stages even when their manifests match"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _prepare_environment()
+    from jobs.common import PREEMPTED_EXIT_CODE, Preempted
+    from sae.config import load
+    from sae.errors import SaeError
+
+    try:
+        config = load(args.config, args.overrides)
+        _dispatch(args.stage, config, args.force)
+    except SaeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Preempted as error:
+        print(f"preempted: {error}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _dispatch(stage: str, config, force: bool) -> None:
+    import importlib
+
+    module = importlib.import_module(f"jobs.{stage}")
+    module.run(config, force)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

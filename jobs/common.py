@@ -1,0 +1,70 @@
+"""What every stage job shares: the up-to-date check around a stage body, and logging."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sae import manifest, storage
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the job stopped cleanly and should be retried
+
+
+class Preempted(Exception):
+    """A stage stopped on SIGTERM after saving its progress."""
+
+
+@dataclass
+class StageOutput:
+    """What a stage body returns: counts and files for its manifest."""
+
+    counts: dict[str, Any]
+    outputs: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def log(stage: str, message: str) -> None:
+    print(f"[{stage}] {message}", file=sys.stderr, flush=True)
+
+
+def run_stage(
+    stage: str,
+    output_uri: str,
+    config: dict[str, Any],
+    inputs: dict[str, str],
+    body: Callable[[], StageOutput],
+    force: bool = False,
+    writes_manifest: bool = True,
+) -> bool:
+    """Run `body` unless the output's manifest already matches; returns whether it ran.
+
+    The body writes its outputs; the manifest is written after it returns, so an output
+    without a manifest is, by definition, unfinished.
+    """
+    if not force and manifest.is_up_to_date(output_uri, stage, config, inputs):
+        log(
+            stage,
+            f"up to date: {manifest.manifest_uri(output_uri)} matches the config and "
+            "inputs; nothing to do",
+        )
+        return False
+    storage.check_writable(output_uri)
+    result = body()
+    if writes_manifest:
+        manifest.write(
+            output_uri, stage, config, inputs, result.counts, result.outputs, result.extra
+        )
+    log(stage, f"done: {manifest.manifest_uri(output_uri)}")
+    return True
+
+
+def require_manifest(output_uri: str, stage: str) -> dict[str, Any]:
+    """The manifest of an upstream stage, or a one-line error saying which stage to run."""
+    from sae.errors import InputError
+
+    found = manifest.read(output_uri)
+    if found is None or found.get("stage") != stage:
+        raise InputError(f"no finished {stage} output at {output_uri}: run the {stage} stage first")
+    return found

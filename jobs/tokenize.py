@@ -1,0 +1,102 @@
+"""The tokenize stage: corpus files -> packed Parquet token shards (Apache Beam)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pyarrow.parquet as pq
+import sentencepiece as spm
+
+from jobs.common import StageOutput, log, run_stage
+from sae import corpus, lm, storage, token_shards, tokenize_beam
+from sae.config import PipelineConfig
+from sae.errors import InputError
+
+
+def _shard_stats(uris: list[str]) -> dict[str, dict[str, int]]:
+    stats = {split: {"sequences": 0, "tokens": 0, "shards": 0} for split in token_shards.SPLITS}
+    for uri in uris:
+        split = storage.basename(uri).split("-")[0]
+        with storage.open_read(uri) as handle:
+            meta = pq.read_metadata(handle)
+        stats[split]["sequences"] += meta.num_rows
+        stats[split]["tokens"] += int(meta.metadata[b"num_tokens"])
+        stats[split]["shards"] += 1
+    return stats
+
+
+def run(config: PipelineConfig, force: bool = False) -> None:
+    cfg = config.tokenize
+    files = corpus.find_corpus_files(config.corpus_uri)
+    proto = lm.tokenizer_proto(config.preset_uri)
+    processor = spm.SentencePieceProcessor(model_proto=proto)
+    tokenizer_fingerprint = "sha256:" + hashlib.sha256(proto).hexdigest()
+    inputs = {uri: storage.fingerprint(uri) for uri in files}
+    inputs["tokenizer"] = tokenizer_fingerprint
+    output = config.tokens_uri
+
+    def body() -> StageOutput:
+        # A re-run replaces the previous shards wholesale (their count or split may differ).
+        storage.delete_tree(output)
+        spec = tokenize_beam.packing_spec(
+            cfg.sequence_length, cfg.num_shards, cfg.eval_fraction, cfg.seed
+        )
+        log("tokenize", f"{len(files)} corpus file(s) -> {output} ({cfg.runner} runner)")
+        try:
+            counters = tokenize_beam.run(
+                files,
+                output,
+                proto,
+                cfg.format,
+                cfg.text_field,
+                cfg.on_bad_record == "skip",
+                spec,
+                cfg.runner,
+            )
+        except corpus.BadRecordError as error:
+            storage.delete_tree(output)
+            message = str(error).split(" [while running")[0]
+            raise InputError(
+                f"undecodable corpus record: {message} (set tokenize."
+                "on_bad_record=skip to count and skip such records)"
+            ) from None
+        shards = sorted(uri for uri in storage.list_files(output) if uri.endswith(".parquet"))
+        stats = _shard_stats(shards)
+        if counters["documents"] == 0 or stats["train"]["sequences"] == 0:
+            storage.delete_tree(output)
+            raise InputError(
+                f"corpus '{config.corpus_uri}' has no usable documents "
+                f"({counters['empty_documents']} empty, "
+                f"{counters['bad_records']} bad records)"
+            )
+        counts = {
+            **counters,
+            **{
+                f"{split}_{key}": value
+                for split, values in stats.items()
+                for key, value in values.items()
+            },
+        }
+        log(
+            "tokenize",
+            f"{counts['documents']} documents -> {counts['train_tokens']} train "
+            f"and {counts['eval_tokens']} held-out tokens",
+        )
+        extra = {
+            "sequence_length": cfg.sequence_length,
+            "shards": {
+                split: [u for u in shards if storage.basename(u).startswith(split)]
+                for split in token_shards.SPLITS
+            },
+            "tokenizer": {
+                "fingerprint": tokenizer_fingerprint,
+                "bos_id": processor.bos_id(),
+                "eos_id": processor.eos_id(),
+                "pad_id": processor.pad_id(),
+                "vocabulary_size": processor.get_piece_size(),
+            },
+        }
+        return StageOutput(counts, shards, extra)
+
+    run_stage("tokenize", output, dataclasses.asdict(cfg), inputs, body, force)

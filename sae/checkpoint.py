@@ -1,0 +1,50 @@
+"""Orbax checkpoints of the training state plus a small JSON record (step, data position, config
+fingerprint), saved asynchronously every N steps to a local directory or gs://."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from sae import storage
+
+
+class Checkpointer:
+    def __init__(self, directory_uri: str, max_to_keep: int = 2) -> None:
+        self.directory_uri = directory_uri
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
+        )
+        self.manager = ocp.CheckpointManager(storage.orbax_path(directory_uri), options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, record: dict[str, Any]) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
+            ),
+        )
+
+    def read_record(self, step: int) -> dict[str, Any]:
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
+        )
+        return dict(restored.record)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """The state at `step`, placed with the shardings carried by `abstract_state`."""
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()
+            ),
+        )
+        return restored.state, dict(restored.record)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,105 @@
+"""Language-model access: a keras-hub backbone under JAX, tapped at chosen residual-stream layers.
+
+The tap is a functional sub-model ending at `decoder_block_<i>`, so blocks after the deepest
+tapped layer are never computed; it runs as one jitted pure function (`stateless_call`) with
+weights replicated and the batch split over the mesh's data axis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+from sae import sharding, storage  # noqa: E402
+from sae.errors import ConfigError, InputError  # noqa: E402
+
+
+def local_preset(preset_uri: str) -> Path:
+    """A local directory holding the preset (gs:// presets are copied to a cache first,
+    because keras-hub reads gs:// through tf.io.gfile, which cannot reach an emulator)."""
+    if not storage.exists(storage.join(preset_uri, "config.json")):
+        raise InputError(f"no keras-hub preset at {preset_uri} (config.json not found)")
+    return storage.local_copy(preset_uri)
+
+
+def backbone_config(preset_uri: str) -> dict[str, Any]:
+    """The backbone's constructor arguments, read without building the model."""
+    config = json.loads(storage.read_text(storage.join(preset_uri, "config.json")))
+    return config.get("config", config)
+
+
+def check_layers(preset_uri: str, layers: list[int]) -> int:
+    """Fail fast, before any work, on a layer the model does not have; returns the depth."""
+    num_layers = int(backbone_config(preset_uri)["num_layers"])
+    for layer in layers:
+        if not 0 <= layer < num_layers:
+            raise ConfigError(
+                f"layer {layer} is out of range: the model at {preset_uri} has "
+                f"{num_layers} layers (0..{num_layers - 1})"
+            )
+    return num_layers
+
+
+def load_backbone(preset_uri: str, dtype: str = "float32"):
+    import keras_hub
+
+    return keras_hub.models.Backbone.from_preset(str(local_preset(preset_uri)), dtype=dtype)
+
+
+def tokenizer_proto(preset_uri: str) -> bytes:
+    """The SentencePiece model of a preset, so tokenizing needs neither keras nor TensorFlow."""
+    directory = storage.join(preset_uri, "assets", "tokenizer")
+    models = [uri for uri in storage.list_files(directory) if uri.endswith((".spm", ".model"))]
+    if not models:
+        raise InputError(
+            f"no SentencePiece tokenizer in preset {preset_uri} (expected assets/tokenizer/*.spm)"
+        )
+    return storage.read_bytes(models[0])
+
+
+class ActivationTap:
+    """Residual-stream activations after `decoder_block_<layer>` for each requested layer."""
+
+    def __init__(self, backbone: Any, layers: list[int], mesh: Mesh) -> None:
+        import keras
+
+        self.layers = list(layers)
+        self.mesh = mesh
+        self.hidden_dim = int(backbone.hidden_dim)
+        outputs = [backbone.get_layer(f"decoder_block_{layer}").output for layer in self.layers]
+        self.model = keras.Model(backbone.input, outputs)
+        replicated = sharding.replicated(mesh)
+        self._weights = jax.device_put(
+            (
+                [v.value for v in self.model.trainable_variables],
+                [v.value for v in self.model.non_trainable_variables],
+            ),
+            replicated,
+        )
+        batch = sharding.batch_sharding(mesh)
+        self._forward = jax.jit(
+            self._call, in_shardings=(replicated, batch, batch), out_shardings=batch
+        )
+
+    def _call(self, weights, token_ids: jax.Array, padding_mask: jax.Array) -> list[jax.Array]:
+        trainable, non_trainable = weights
+        outputs, _ = self.model.stateless_call(
+            trainable, non_trainable, {"token_ids": token_ids, "padding_mask": padding_mask}
+        )
+        outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+        return [out.astype(jax.numpy.float32) for out in outputs]
+
+    def __call__(self, token_ids: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+        """[batch, seq, hidden] float32 activations per tapped layer, as host arrays."""
+        positions = np.arange(token_ids.shape[1])[None, :]
+        padding_mask = positions < lengths[:, None]
+        outputs = self._forward(self._weights, token_ids.astype(np.int32), padding_mask)
+        return [np.asarray(out) for out in outputs]

@@ -1,0 +1,109 @@
+"""Shared pytest setup: JAX/Keras env defaults and a real GCS emulator process."""
+
+import os
+
+# Before anything imports jax/keras/tensorflow: 8 emulated CPU devices for sharding
+# tests, the JAX Keras backend, and quiet TensorFlow logs.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@dataclass(frozen=True)
+class GcsEmulator:
+    """A running gcp-storage-emulator: ``env`` is what subprocesses need to use it."""
+
+    url: str
+    bucket: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_up(proc: subprocess.Popen, url: str, log_path: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            with open(log_path) as f:
+                raise RuntimeError(f"GCS emulator exited early:\n{f.read()}")
+        try:
+            with urllib.request.urlopen(url + "/", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"GCS emulator did not answer at {url} within {timeout}s")
+
+
+def emulator_env(url: str) -> dict[str, str]:
+    """Env vars pointing every GCS client we use at the emulator at ``url``."""
+    return {
+        # google-cloud-storage and gcsfs.
+        "STORAGE_EMULATOR_HOST": url,
+        # tensorstore (Orbax array writes) has its own endpoint override, and a fixed
+        # test token so it does not look for ADC files or a GCE metadata server.
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+        # etils.epath: use gcsfs, not TensorFlow's gfile (which cannot reach an emulator).
+        "EPATH_USE_TF": "false",
+        # gcsfs: skip the gRPC Storage Control bucket-layout probe the emulator lacks.
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        "GOOGLE_CLOUD_PROJECT": "test",
+    }
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
+    """Start a real emulator process on a free port (lazily: only if a test asks)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("gcs-emulator") / "emulator.log"
+    cmd = [sys.executable, "-m", "gcp_storage_emulator", "start"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--in-memory", "--quiet"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    mp = pytest.MonkeyPatch()
+    try:
+        _wait_until_up(proc, url, str(log_path))
+        env = emulator_env(url)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        bucket = f"test-{uuid.uuid4().hex[:12]}"
+        _create_bucket(bucket)
+        yield GcsEmulator(url=url, bucket=bucket, env=env)
+    finally:
+        mp.undo()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _create_bucket(name: str) -> None:
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    storage.Client(project="test", credentials=AnonymousCredentials()).create_bucket(name)
+
+
+@pytest.fixture
+def gcs_bucket_uri(gcs_emulator: GcsEmulator) -> str:
+    """A fresh, empty prefix in the emulator's bucket: gs://bucket/test-<uuid>."""
+    return f"gs://{gcs_emulator.bucket}/test-{uuid.uuid4().hex[:12]}"

@@ -53,6 +53,7 @@ def run(config: PipelineConfig, force: bool = False) -> None:
                 cfg.on_bad_record == "skip",
                 spec,
                 cfg.runner,
+                total_bytes=sum(storage.size(uri) for uri in files),
             )
         except corpus.BadRecordError as error:
             storage.delete_tree(output)

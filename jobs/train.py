@@ -150,6 +150,7 @@ def _train(
             },
         )
         metrics_log.flush()
+        log("train", f"checkpoint saved at step {step}")
 
     def counting(stream):
         for batch in stream:

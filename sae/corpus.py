@@ -43,8 +43,13 @@ def find_corpus_files(pattern: str) -> list[str]:
 
 def _single(uri: str) -> list[str]:
     if storage.is_dir(uri):
-        return storage.list_files(uri)
+        return [f for f in storage.list_files(uri) if not _is_bookkeeping(storage.basename(f))]
     return [uri] if storage.exists(uri) else []
+
+
+def _is_bookkeeping(name: str) -> bool:
+    # A directory given as corpus may hold a stage manifest or markers like _SUCCESS.
+    return name == "manifest.json" or name.startswith(("_", "."))
 
 
 def read_records(uri: str, fmt: str, text_field: str = "text") -> Iterator[Record]:

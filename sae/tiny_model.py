@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from sae.errors import InputError
+
 # Gemma's special token ids; keras-hub's GemmaTokenizer looks the pieces up by name.
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 PAD_PIECE, EOS_PIECE, BOS_PIECE, UNK_PIECE = "<pad>", "<eos>", "<bos>", "<unk>"
@@ -53,7 +55,7 @@ class TinyModelSpec:
     use_sliding_window_attention: bool = True
     sliding_window_size: int = 64
     sequence_length: int = 128
-    # ~400k tokens, about 0.6 epoch of the 4000-document demo corpus: ~45 s on 2 CPU cores.
+    # 307k tokens, about 0.6 epoch of the 4000-document demo corpus: ~45 s on 2 idle CPU cores.
     train_steps: int = 150
     batch_size: int = 16
     learning_rate: float = 6e-3
@@ -103,7 +105,7 @@ def train_tokenizer(
         sentence_iterator=iter(texts),
         model_writer=model,
         vocab_size=vocabulary_size,
-        model_type="bpe",  # like Gemma; fills the vocabulary with whole words first
+        model_type="bpe",  # as Gemma's tokenizer
         pad_id=PAD_ID,
         eos_id=EOS_ID,
         bos_id=BOS_ID,
@@ -142,8 +144,6 @@ def preset_tokenizer_proto(local_preset_dir: str) -> bytes:
     asset_dir = Path(local_preset_dir) / TOKENIZER_ASSET_DIR
     candidates = sorted(asset_dir.glob("*.spm")) if asset_dir.is_dir() else []
     if not candidates:
-        from sae.errors import InputError
-
         raise InputError(f"no SentencePiece model (*.spm) under {asset_dir}")
     return candidates[0].read_bytes()
 
@@ -325,8 +325,6 @@ def train_language_model(
 def verify_preset(local_preset_dir: str, causal_lm, sequence_length: int = 32) -> None:
     """Load the saved preset back the three ways users do, and check it is the same model."""
     import keras_hub
-
-    from sae.errors import InputError
 
     tokenizer = keras_hub.models.GemmaTokenizer.from_preset(local_preset_dir)
     if tokenizer.token_to_id(BOS_PIECE) != BOS_ID or tokenizer.token_to_id(EOS_PIECE) != EOS_ID:

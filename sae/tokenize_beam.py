@@ -23,6 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from sae import corpus, token_shards
 from sae.errors import ConfigError
+from sae.progress import Progress
 
 COUNTERS = ("documents", "empty_documents", "bad_records")
 _NAMESPACE = "tokenize"
@@ -76,14 +77,28 @@ class TokenizeFile(beam.DoFn):
     """(file index, URI) -> ((split, shard), (file index, sequence index, tokens, length))."""
 
     def __init__(
-        self, tokenizer_proto: bytes, fmt: str, text_field: str, skip_bad: bool, spec: PackingSpec
+        self,
+        tokenizer_proto: bytes,
+        fmt: str,
+        text_field: str,
+        skip_bad: bool,
+        spec: PackingSpec,
+        total_bytes: int = 0,
     ) -> None:
         self.tokenizer_proto = tokenizer_proto
         self.fmt, self.text_field, self.skip_bad, self.spec = fmt, text_field, skip_bad, spec
+        self.total_bytes = total_bytes
         self.counters = {name: Metrics.counter(_NAMESPACE, name) for name in COUNTERS}
 
     def setup(self) -> None:
         self.processor = spm.SentencePieceProcessor(model_proto=self.tokenizer_proto)
+        # Per worker: on the local runner that is the whole job, so the ETA is the job's.
+        self.progress = Progress("tokenize", self.total_bytes or None, unit="B")
+        self.tokens = 0
+
+    def teardown(self) -> None:
+        if getattr(self, "tokens", 0):
+            self.progress.close(tokens=self.tokens)
 
     def process(self, element: tuple[int, str]):
         file_index, uri = element
@@ -101,6 +116,10 @@ class TokenizeFile(beam.DoFn):
                 self.counters["bad_records"].inc()
                 continue
             ids = self.processor.encode(record.text)
+            self.tokens += len(ids) + 1
+            self.progress.update(len(record.text.encode()), tokens=self.tokens)
+            self.tokens += len(ids) + 1
+            self.progress.update(len(record.text.encode()), tokens=self.tokens)
             if not ids:
                 self.counters["empty_documents"].inc()
                 continue
@@ -154,6 +173,7 @@ def run(
     spec: PackingSpec,
     runner: str = "direct",
     dataflow_args: list[str] | None = None,
+    total_bytes: int = 0,
 ) -> dict[str, int]:
     """Run the pipeline to completion; returns the Beam counters (documents, bad records...)."""
     options = pipeline_options(runner, dataflow_args)
@@ -162,7 +182,8 @@ def run(
         pipeline
         | "ListFiles" >> beam.Create(list(enumerate(files)))
         | "Reshuffle" >> beam.Reshuffle()
-        | "Tokenize" >> beam.ParDo(TokenizeFile(tokenizer_proto, fmt, text_field, skip_bad, spec))
+        | "Tokenize"
+        >> beam.ParDo(TokenizeFile(tokenizer_proto, fmt, text_field, skip_bad, spec, total_bytes))
         | "GroupByShard" >> beam.GroupByKey()
         | "WriteShards" >> beam.ParDo(WriteShard(output_uri, spec.sequence_length))
     )

@@ -107,3 +107,37 @@ def _create_bucket(name: str) -> None:
 def gcs_bucket_uri(gcs_emulator: GcsEmulator) -> str:
     """A fresh, empty prefix in the emulator's bucket: gs://bucket/test-<uuid>."""
     return f"gs://{gcs_emulator.bucket}/test-{uuid.uuid4().hex[:12]}"
+
+
+# A small demo configuration shared by the end-to-end tests: a 2-layer model, a few steps.
+SMALL = [
+    "demo.num_documents=1000",
+    "demo.num_files=2",
+    "demo.num_layers=2",
+    "demo.hidden_dim=64",
+    "demo.vocabulary_size=512",
+    "demo.lm_train_steps=80",
+    "tokenize.num_shards=2",
+    "tokenize.eval_fraction=0.1",
+    "train.layer=1",
+    "train.expansion_factor=4",
+    "train.steps=60",
+    "train.batch_size=256",
+    "train.shuffle_buffer=2048",
+    "train.checkpoint_every=30",
+    "train.log_every=10",
+    "report.eval_tokens=4000",
+    "report.max_features=40",
+    "report.num_steering=4",
+]
+
+
+@pytest.fixture(scope="session")
+def local_run(tmp_path_factory: pytest.TempPathFactory):
+    """One real local pipeline run (demo corpus, tiny model, tokens, SAE, report) that the
+    end-to-end tests read and build on."""
+    from jobs.cli import main
+
+    workdir = tmp_path_factory.mktemp("pipeline")
+    assert main(["pipeline", f"workdir={workdir}", *SMALL]) == 0
+    return workdir

@@ -1,0 +1,29 @@
+terraform {
+  required_version = ">= 1.5"
+
+  required_providers {
+    google = {
+      source  = "hashicorp/google"
+      version = "~> 7.0"
+    }
+    google-beta = {
+      source  = "hashicorp/google-beta"
+      version = "~> 7.0"
+    }
+  }
+}
+
+provider "google" {
+  project        = var.project_id
+  region         = var.region
+  zone           = var.zone
+  default_labels = var.labels
+}
+
+# Cloud TPU VMs and queued resources (added later) are google-beta resources.
+provider "google-beta" {
+  project        = var.project_id
+  region         = var.region
+  zone           = var.zone
+  default_labels = var.labels
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set everything up, then run the linter and the whole test suite (the GCS emulator is
+# started by the tests themselves). Extra arguments go to pytest, e.g. `-m "not slow"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+VENV=${GEMMA_SAE_VENV:-.venv}
+"$VENV/bin/ruff" check sae jobs tests
+"$VENV/bin/ruff" format --check sae jobs tests
+exec "$VENV/bin/pytest" "$@"

@@ -1,0 +1,82 @@
+"""Config loading: defaults, the shipped configs, and one-line errors for bad keys and values."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from sae import config
+from sae.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_local_yaml_spells_out_the_defaults():
+    from_file = config.load(str(ROOT / "configs" / "local.yaml"))
+    assert dataclasses.asdict(from_file) == dataclasses.asdict(config.load())
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        config.load(str(path))
+
+
+def test_overrides_are_typed():
+    cfg = config.load(
+        None,
+        [
+            "train.steps=7",
+            "train.learning_rate=2e-3",
+            "demo.enabled=false",
+            "tokenize.input=/data/*.jsonl",
+            "model.preset=/p",
+            "report.steering_features=[1, 2]",
+        ],
+    )
+    assert cfg.train.steps == 7
+    assert cfg.train.learning_rate == pytest.approx(0.002)
+    assert cfg.demo.enabled is False
+    assert cfg.report.steering_features == [1, 2]
+
+
+def test_derived_paths_follow_workdir():
+    cfg = config.load(None, ["workdir=gs://bucket/run"])
+    assert cfg.tokens_uri == "gs://bucket/run/tokens"
+    assert cfg.preset_uri == "gs://bucket/run/model"
+    assert cfg.corpus_uri == "gs://bucket/run/corpus/*.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.stpes=3"], "unknown config key 'train.stpes' (did you mean 'train.steps'?)"),
+        (["trian.steps=3"], "unknown config key 'trian'"),
+        (["train.steps=abc"], "config key 'train.steps' must be an integer, got 'abc'"),
+        (["train.steps=1.5"], "config key 'train.steps' must be an integer"),
+        (["demo.enabled=3"], "config key 'demo.enabled' must be true or false"),
+        (["tokenize.format=xml"], "config key 'tokenize.format' must be one of 'jsonl', 'text'"),
+        (["train.steps=0"], "train.steps must be positive"),
+        (["train.l1_coefficient=-1"], "train.l1_coefficient must not be negative"),
+        (["tokenize.eval_fraction=1.5"], "tokenize.eval_fraction must be in [0, 1)"),
+        (["demo.enabled=false"], "tokenize.input is required when demo.enabled is false"),
+        (["train"], "must look like key=value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        config.load(None, overrides)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(str(bad))
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        config.load(str(listing))

@@ -1,0 +1,126 @@
+"""The whole pipeline, for real, on a small demo: local, idempotent, resumable, and on gs://."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jobs.cli import main
+from sae import manifest, storage
+
+from .conftest import SMALL
+
+pytestmark = pytest.mark.slow
+
+STAGE_DIRS = ("corpus", "model", "tokens", "sae", "report")
+
+
+def _manifest_times(workdir: Path) -> dict[str, float]:
+    return {d: (workdir / d / "manifest.json").stat().st_mtime_ns for d in STAGE_DIRS}
+
+
+def test_pipeline_writes_a_real_report(local_run):
+    metrics = json.loads((local_run / "report" / "metrics.json").read_text())
+    assert metrics["split"].startswith("eval")
+    assert metrics["eval_tokens"] > 1000
+    assert 1 < metrics["l0"] < 128
+    assert metrics["fraction_variance_explained"] > 0.5
+    html = (local_run / "report" / "index.html").read_text()
+    assert html.count('class="feature"') == 40
+    assert '<span class="hl">' in html
+    steering = load_file(local_run / "report" / "steering" / "vectors.safetensors")
+    np.testing.assert_allclose(np.linalg.norm(steering["vectors"], axis=1), 1.0, rtol=1e-5)
+    assert (steering["strengths"] > 0).all()
+    model = json.loads((local_run / "model" / "manifest.json").read_text())["training"]
+    assert model["final_heldout_loss"] < 0.6 * model["initial_heldout_loss"]
+
+
+def test_every_stage_wrote_its_outputs_then_a_manifest(local_run):
+    for stage_dir in STAGE_DIRS:
+        found = manifest.read(str(local_run / stage_dir))
+        assert found is not None, stage_dir
+        for output in found["outputs"]:
+            assert storage.exists(output), output
+        assert "jax" in found["versions"] or stage_dir in ("corpus",)
+
+
+def test_rerun_does_nothing_and_a_changed_config_reruns_only_its_stage(local_run, capsys):
+    before = _manifest_times(local_run)
+    assert main(["pipeline", f"workdir={local_run}", *SMALL]) == 0
+    assert "up to date" in capsys.readouterr().err
+    assert _manifest_times(local_run) == before
+
+    assert main(["pipeline", f"workdir={local_run}", *SMALL, "report.top_contexts=3"]) == 0
+    after = _manifest_times(local_run)
+    assert after["report"] != before["report"]
+    assert {k: v for k, v in after.items() if k != "report"} == {
+        k: v for k, v in before.items() if k != "report"
+    }
+
+
+def _train_workdir(local_run: Path, target: Path) -> list[str]:
+    storage.upload_tree(str(local_run / "tokens"), str(target / "tokens"))
+    return [
+        f"workdir={target}",
+        "demo.enabled=false",
+        f"model.preset={local_run / 'model'}",
+        f"tokenize.input={local_run / 'corpus'}",
+        *SMALL,
+        "train.checkpoint_every=10",
+    ]
+
+
+def test_preempted_training_resumes_to_the_same_weights(local_run, tmp_path):
+    straight = _train_workdir(local_run, tmp_path / "straight")
+    assert main(["train", *straight]) == 0
+
+    resumed = _train_workdir(local_run, tmp_path / "resumed")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "train", *resumed],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    for line in process.stderr:
+        if "checkpoint saved at step 20" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    process.stderr.read()
+    assert process.wait(timeout=120) == 75
+    assert manifest.read(str(tmp_path / "resumed" / "sae")) is None
+    assert main(["train", *resumed]) == 0
+
+    a = load_file(tmp_path / "straight" / "sae" / "sae_weights.safetensors")
+    b = load_file(tmp_path / "resumed" / "sae" / "sae_weights.safetensors")
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gcs
+def test_pipeline_on_gcs(local_run, gcs_bucket_uri):
+    preset = storage.join(gcs_bucket_uri, "presets", "tiny")
+    corpus = storage.join(gcs_bucket_uri, "corpus")
+    storage.upload_tree(str(local_run / "model"), preset)
+    storage.upload_tree(str(local_run / "corpus"), corpus)
+    workdir = storage.join(gcs_bucket_uri, "run")
+    args = [
+        "pipeline",
+        f"workdir={workdir}",
+        *SMALL,
+        "demo.enabled=false",
+        f"model.preset={preset}",
+        f"tokenize.input={corpus}/*.jsonl",
+    ]
+    assert main(args) == 0
+    metrics = storage.read_json(storage.join(workdir, "report", "metrics.json"))
+    assert metrics["fraction_variance_explained"] > 0.5
+    assert storage.list_files(storage.join(workdir, "sae", "checkpoints"))
+    assert storage.exists(storage.join(workdir, "report", "index.html"))
+    for stage in ("tokens", "sae", "report"):
+        assert manifest.read(storage.join(workdir, stage)) is not None

@@ -23,8 +23,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # Unprivileged runtime user (uid/gid 10001, numeric in USER so runAsNonRoot can check it);
 # the venv and the source stay root-owned, read-only to it.
-RUN groupadd --system --gid 10001 sae \
-    && useradd --system --uid 10001 --gid sae --create-home --home-dir /home/sae \
+RUN groupadd --gid 10001 sae \
+    && useradd --uid 10001 --gid sae --no-log-init --create-home --home-dir /home/sae \
         --shell /usr/sbin/nologin sae \
     && python -m venv "${VIRTUAL_ENV}"
 

@@ -31,7 +31,7 @@ class DemoConfig:
     vocabulary_size: int = 1024
     num_layers: int = 4
     hidden_dim: int = 128
-    lm_train_steps: int = 200
+    lm_train_steps: int = 150
 
     def validate(self) -> None:
         _positive(self, "num_documents", "num_files", "vocabulary_size", "num_layers")

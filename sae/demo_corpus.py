@@ -173,7 +173,9 @@ def _word_count(parts: list[str]) -> int:
     return sum(len(p.split()) for p in parts)
 
 
-def _fill(rng: random.Random, sentence_fn: Callable[[], str], min_words: int, max_words: int):
+def _fill(
+    rng: random.Random, sentence_fn: Callable[[], str], min_words: int, max_words: int
+) -> list[str]:
     """Sentences from sentence_fn until the document reaches a random length in range."""
     target = rng.randint(min_words, max_words)
     parts: list[str] = []

@@ -21,7 +21,6 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,6 @@ from sae.errors import InputError
 # Gemma's special token ids; keras-hub's GemmaTokenizer looks the pieces up by name.
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 PAD_PIECE, EOS_PIECE, BOS_PIECE, UNK_PIECE = "<pad>", "<eos>", "<bos>", "<unk>"
-TOKENIZER_ASSET_DIR = os.path.join("assets", "tokenizer")
 
 ProgressCallback = Callable[[int, int, float], None]  # (step, total_steps, train_loss)
 
@@ -137,15 +135,6 @@ def sentencepiece_processor(proto: bytes):
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_proto=proto)
-
-
-def preset_tokenizer_proto(local_preset_dir: str) -> bytes:
-    """The SentencePiece proto bytes stored in a saved keras-hub preset directory."""
-    asset_dir = Path(local_preset_dir) / TOKENIZER_ASSET_DIR
-    candidates = sorted(asset_dir.glob("*.spm")) if asset_dir.is_dir() else []
-    if not candidates:
-        raise InputError(f"no SentencePiece model (*.spm) under {asset_dir}")
-    return candidates[0].read_bytes()
 
 
 # --- model ---------------------------------------------------------------------------------

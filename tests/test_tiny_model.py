@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sae.demo_corpus import generate_documents
+from sae.lm import tokenizer_proto
 from sae.tiny_model import (
     BOS_ID,
     EOS_ID,
@@ -21,7 +22,6 @@ from sae.tiny_model import (
     build_tiny_gemma,
     make_tiny_preset,
     pack_documents,
-    preset_tokenizer_proto,
     sentencepiece_processor,
     split_heldout,
     train_language_model,
@@ -110,7 +110,7 @@ def test_preset_round_trip_gives_same_logits(trained, proto: bytes, tmp_path: Pa
     causal_lm, _, _ = trained
     causal_lm.save_to_preset(str(tmp_path))
     assert (tmp_path / "assets" / "tokenizer" / "vocabulary.spm").is_file()
-    assert preset_tokenizer_proto(str(tmp_path)) == proto
+    assert tokenizer_proto(str(tmp_path)) == proto
 
     tokenizer = keras_hub.models.GemmaTokenizer.from_preset(str(tmp_path))
     assert tokenizer.token_to_id("<bos>") == BOS_ID
@@ -135,7 +135,7 @@ def test_preset_tokenizer_proto_missing(tmp_path: Path) -> None:
     from sae.errors import InputError
 
     with pytest.raises(InputError, match="spm"):
-        preset_tokenizer_proto(str(tmp_path))
+        tokenizer_proto(str(tmp_path))
 
 
 def test_make_tiny_preset_writes_a_loadable_preset(texts: list[str], tmp_path: Path) -> None:
@@ -146,7 +146,6 @@ def test_make_tiny_preset_writes_a_loadable_preset(texts: list[str], tmp_path: P
         assert (out / name).is_file(), name
     assert stats["parameters"] > 0
     assert (
-        stats["vocabulary_size"]
-        == sentencepiece_processor(preset_tokenizer_proto(str(out))).vocab_size()
+        stats["vocabulary_size"] == sentencepiece_processor(tokenizer_proto(str(out))).vocab_size()
     )
     assert stats["seconds"] > 0

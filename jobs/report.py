@@ -18,6 +18,11 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     cfg = config.report
     tokens_manifest = require_manifest(config.tokens_uri, "tokenize")
     require_manifest(config.sae_uri, "train")
+    if config.train.source != "stream":
+        raise InputError(
+            "report evaluates on the tokenized held-out split through the language model; "
+            "it needs train.source=stream"
+        )
     eval_shards = tokens_manifest["shards"]["eval"]
     if not eval_shards:
         raise InputError(
@@ -35,58 +40,117 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     run_stage("report", config.report_uri, dataclasses.asdict(cfg), inputs, body, force)
 
 
+def _load_saes(config: PipelineConfig, train_manifest: dict) -> dict[str, tuple]:
+    """Every SAE the train stage exported, checked against the model it will be run on."""
+    names = list(train_manifest.get("saes", {}))
+    if not names:
+        raise InputError(f"the train manifest at {config.sae_uri} lists no SAEs")
+    loaded = {}
+    for name in names:
+        sae, params, sae_cfg = sae_io.load(storage.join(config.sae_uri, name))
+        preset = sae_cfg["model_preset"]
+        lm.check_layers(preset, [sae_cfg["layer"]])
+        hidden = int(lm.backbone_config(preset)["hidden_dim"])
+        if hidden != sae_cfg["d_in"]:
+            raise InputError(
+                f"the SAE {name} reads d_model={sae_cfg['d_in']} but the "
+                f"model at {preset} has hidden size {hidden}"
+            )
+        out_of_range = [i for i in config.report.steering_features if i >= sae.d_sae]
+        if out_of_range:
+            raise InputError(
+                f"report.steering_features: feature {out_of_range[0]} is out of range "
+                f"(the SAE {name} has {sae.d_sae} features)"
+            )
+        loaded[name] = (sae, params, sae_cfg)
+    return loaded
+
+
 def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str]) -> StageOutput:
     cfg, output = config.report, config.report_uri
-    sae, params, sae_cfg = sae_io.load(config.sae_uri)
-    preset = sae_cfg["model_preset"]
-    lm.check_layers(preset, [sae_cfg["layer"]])
-    hidden = int(lm.backbone_config(preset)["hidden_dim"])
-    if hidden != sae_cfg["d_in"]:
-        raise InputError(
-            f"the SAE at {config.sae_uri} reads d_model={sae_cfg['d_in']} but the "
-            f"model at {preset} has hidden size {hidden}"
-        )
-    out_of_range = [i for i in cfg.steering_features if i >= sae.d_sae]
-    if out_of_range:
-        raise InputError(
-            f"report.steering_features: feature {out_of_range[0]} is out of range "
-            f"(the SAE has {sae.d_sae} features)"
-        )
+    saes = _load_saes(config, require_manifest(config.sae_uri, "train"))
+    presets = {sae_cfg["model_preset"] for _, _, sae_cfg in saes.values()}
+    if len(presets) > 1:
+        raise InputError(f"the SAEs of {config.sae_uri} were trained on different models")
+    preset = presets.pop()
+    layers = sorted({sae_cfg["layer"] for _, _, sae_cfg in saes.values()})
     mesh = sharding.make_mesh(config.train.mesh_data, 1)
-    tap = lm.ActivationTap(lm.load_backbone(preset, config.model.dtype), [sae_cfg["layer"]], mesh)
-    tokenizer = tokens_manifest["tokenizer"]
+    tap = lm.ActivationTap(lm.load_backbone(preset, config.model.dtype), layers, mesh)
+    models = [
+        evaluation.EvalModel(sae, params, layers.index(sae_cfg["layer"]))
+        for sae, params, sae_cfg in saes.values()
+    ]
     progress = Progress("report", cfg.eval_tokens)
-    result = evaluation.evaluate(
-        sae,
-        params,
+    results = evaluation.evaluate(
+        models,
         iter_sequences(eval_shards),
         tap,
         config.train.lm_batch_size,
-        tokenizer["bos_id"],
+        tokens_manifest["tokenizer"]["bos_id"],
         cfg.eval_tokens,
         cfg.top_contexts,
         progress,
     )
     progress.close()
-    metrics = {"split": "eval (held out by tokenize; never trained on)", **result.metrics}
-    log(
-        "report",
-        "held-out: "
-        + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)),
-    )
-
     processor = spm.SentencePieceProcessor(model_proto=lm.tokenizer_proto(preset))
+    files: list[str] = []
+    overview: list[dict] = []
+    all_metrics: dict[str, dict] = {}
+    for (name, (sae, params, sae_cfg)), result in zip(saes.items(), results, strict=True):
+        log(
+            "report",
+            f"{name} held-out: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)),
+        )
+        files += _report_one(config, name, sae, params, sae_cfg, result, processor)
+        all_metrics[name] = result.metrics
+        overview.append(
+            {
+                "name": name,
+                "architecture": sae_cfg.get("trained_as", sae_cfg["architecture"]),
+                "layer": sae_cfg["layer"],
+                **result.metrics,
+            }
+        )
+    summary_files = {
+        "metrics": storage.join(output, "metrics.json"),
+        "html": storage.join(output, "index.html"),
+    }
+    storage.write_json(
+        summary_files["metrics"],
+        {"split": "eval (held out by tokenize; never trained on)", "saes": all_metrics},
+    )
+    storage.write_text(summary_files["html"], report_html.render_overview("SAE run", overview))
+    counts = {f"{name}/{k}": v for name, m in all_metrics.items() for k, v in m.items()}
+    return StageOutput(counts, files + list(summary_files.values()))
+
+
+def _report_one(
+    config: PipelineConfig,
+    name: str,
+    sae,
+    params: dict,
+    sae_cfg: dict,
+    result: evaluation.EvalResult,
+    processor: spm.SentencePieceProcessor,
+) -> list[str]:
+    """metrics.json, features.json, index.html and steering vectors of one SAE."""
+    cfg = config.report
+    output = storage.join(config.report_uri, name)
+    preset = sae_cfg["model_preset"]
+    metrics = {"split": "eval (held out by tokenize; never trained on)", **result.metrics}
     shown = features.most_active(result, cfg.max_features)
     summaries = features.feature_summaries(result, processor, cfg.context_window, shown)
+    sae_dir = storage.join(config.sae_uri, name)
     run_info = {
         "model": preset,
         "layer": sae_cfg["hook_name"],
-        "sae": config.sae_uri,
+        "sae": sae_dir,
+        "architecture": sae_cfg.get("trained_as", sae_cfg["architecture"]),
         "d_in": sae_cfg["d_in"],
         "d_sae": sae_cfg["d_sae"],
         "training_tokens": sae_cfg["training_tokens"],
     }
-
     chosen = cfg.steering_features or features.most_active(
         result, cfg.num_steering, exclude_dense=True
     )
@@ -95,9 +159,8 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
         "model_preset": preset,
         "layer": sae_cfg["layer"],
         "hook_name": sae_cfg["hook_name"],
-        "sae": config.sae_uri,
+        "sae": sae_dir,
     }
-
     files = {
         "metrics": storage.join(output, "metrics.json"),
         "features": storage.join(output, "features.json"),
@@ -107,10 +170,8 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
     }
     storage.write_json(files["metrics"], metrics)
     storage.write_json(files["features"], {"run": run_info, "features": summaries})
-    storage.write_text(
-        files["html"],
-        report_html.render(f"SAE report: {sae_cfg['hook_name']}", metrics, run_info, summaries),
-    )
+    title = f"SAE report: {name} ({sae_cfg['hook_name']})"
+    storage.write_text(files["html"], report_html.render(title, metrics, run_info, summaries))
     steering.save(files["steering"], vectors, strengths, chosen, metadata)
     storage.write_json(
         files["steering_index"],
@@ -122,4 +183,4 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
             ],
         },
     )
-    return StageOutput(result.metrics, list(files.values()))
+    return list(files.values())

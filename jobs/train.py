@@ -1,9 +1,11 @@
-"""The train stage: stream activations from the language model into an SAE on the mesh.
+"""The train stage: activation rows (streamed from the language model, or from .npy files) into
+one or several SAEs on the mesh.
 
-Checkpoints every `train.checkpoint_every` steps; a re-run resumes from the latest one by
-replaying the seeded activation stream to the checkpoint's position, so a resumed run sees
-exactly the batches a straight run would. SIGTERM (a spot TPU's preemption notice) saves a
-checkpoint and exits with code 75 so a supervisor knows to retry.
+Checkpoints every `train.checkpoint_every` steps. A re-run resumes from the latest one: the
+streaming source replays its seeded stream to the checkpoint's position, the .npy source
+computes it directly, so a resumed run sees exactly the batches a straight run would. SIGTERM
+(a spot TPU's preemption notice) saves a checkpoint and exits with code 75 so a supervisor
+knows to retry.
 """
 
 from __future__ import annotations
@@ -11,26 +13,39 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import signal
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
 
 from jobs.common import Preempted, StageOutput, log, require_manifest, run_stage
-from sae import activations, lm, manifest, sae_io, sharding, storage
-from sae.arch import ReluSAE
+from sae import activation_files, activations, lm, manifest, sae_io, sharding, storage
+from sae.arch import ARCHITECTURES, SparseAutoencoder
 from sae.checkpoint import Checkpointer
-from sae.config import PipelineConfig, TrainConfig
+from sae.config import PipelineConfig, SaeConfig, TrainConfig
 from sae.errors import ConfigError, InputError
 from sae.metrics_log import MetricsLog
+from sae.optimizer import OptimizerSettings
 from sae.progress import Progress
-from sae.training import LoopHooks, Trainer, input_scale, run_loop
+from sae.training import LoopHooks, Member, Trainer, TrainState, run_loop
 
 # Keys that change how a run is observed, not what it computes: a checkpoint written under
 # other values of these can still be resumed.
 _OBSERVATIONAL_KEYS = ("log_every", "checkpoint_every")
 
 
-def _check_mesh(cfg: TrainConfig, mesh, d_sae: int) -> None:
+@dataclasses.dataclass
+class Source:
+    """Where rows come from: d_model, fingerprint inputs, and a batch iterator factory."""
+
+    d_model: int
+    inputs: dict[str, str]
+    tokens_manifest: dict[str, Any] | None
+    npy: activation_files.NpyRows | None = None
+
+
+def _check_mesh(cfg: TrainConfig, mesh, d_model: int) -> None:
     data, model = mesh.devices.shape
     for key in ("batch_size", "lm_batch_size"):
         if getattr(cfg, key) % data:
@@ -38,8 +53,8 @@ def _check_mesh(cfg: TrainConfig, mesh, d_sae: int) -> None:
                 f"train.{key}={getattr(cfg, key)} is not divisible by the mesh's "
                 f"data axis ({data} devices)"
             )
-    if d_sae % model:
-        raise ConfigError(f"SAE width {d_sae} is not divisible by the mesh's model axis ({model})")
+    for index, sae_cfg in enumerate(cfg.saes):
+        sae_cfg.check_against_model(f"train.saes[{index}]", d_model, model)
 
 
 def _resume_key(cfg: TrainConfig, inputs: dict[str, str]) -> str:
@@ -62,93 +77,148 @@ def _resume_step(checkpoints: Checkpointer, resume_key: str) -> int | None:
     return step
 
 
-def run(config: PipelineConfig, force: bool = False) -> None:
+def _open_source(config: PipelineConfig) -> Source:
     cfg = config.train
+    if cfg.source == "npy":
+        rows = activation_files.NpyRows(activation_files.expand_uris(cfg.activations))
+        fingerprints = "".join(storage.fingerprint(uri) for uri in rows.uris)
+        return Source(rows.dim, {"activations": manifest.digest(fingerprints)}, None, rows)
     tokens_manifest = require_manifest(config.tokens_uri, "tokenize")
-    lm.check_layers(config.preset_uri, [cfg.layer])
+    lm.check_layers(config.preset_uri, cfg.layers)
     hidden = int(lm.backbone_config(config.preset_uri)["hidden_dim"])
-    d_sae = hidden * cfg.expansion_factor
-    mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
-    _check_mesh(cfg, mesh, d_sae)
     inputs = {
         "tokens": manifest.fingerprint(config.tokens_uri),
         "model": storage.fingerprint_tree(config.preset_uri),
     }
-    output = config.sae_uri
+    return Source(hidden, inputs, tokens_manifest)
+
+
+def run(config: PipelineConfig, force: bool = False) -> None:
+    cfg = config.train
+    source = _open_source(config)
+    mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
+    _check_mesh(cfg, mesh, source.d_model)
 
     def body() -> StageOutput:
-        return _train(config, tokens_manifest, mesh, d_sae, inputs)
+        return _train(config, source, mesh)
 
-    run_stage("train", output, dataclasses.asdict(cfg), inputs, body, force)
+    run_stage("train", config.sae_uri, dataclasses.asdict(cfg), source.inputs, body, force)
 
 
-def _train(
-    config: PipelineConfig, tokens_manifest: dict, mesh, d_sae: int, inputs: dict[str, str]
-) -> StageOutput:
+def build_sae(sae_cfg: SaeConfig, cfg: TrainConfig, d_model: int) -> SparseAutoencoder:
+    d_sae = d_model * sae_cfg.expansion_factor
+    common = {
+        "d_model": d_model,
+        "d_sae": d_sae,
+        "decoder_bias_init": cfg.decoder_bias_init,
+        "matmul_dtype": cfg.matmul_dtype,
+    }
+    architecture = ARCHITECTURES[sae_cfg.architecture]
+    if sae_cfg.architecture == "relu":
+        return architecture(l1_coefficient=sae_cfg.sparsity_coefficient, **common)
+    if sae_cfg.architecture == "jumprelu":
+        return architecture(
+            l0_coefficient=sae_cfg.sparsity_coefficient,
+            bandwidth=sae_cfg.jumprelu_bandwidth,
+            init_threshold=sae_cfg.jumprelu_init_threshold,
+            **common,
+        )
+    return architecture(
+        k=sae_cfg.k, k_aux=sae_cfg.k_aux, auxk_coefficient=sae_cfg.auxk_coefficient, **common
+    )
+
+
+def build_members(cfg: TrainConfig, d_model: int, by_layer: bool) -> dict[str, Member]:
+    """The run's SAEs; with `by_layer`, each reads its layer's slice of a multi-layer row."""
+    members = {}
+    for sae_cfg in cfg.saes:
+        optimizer = OptimizerSettings(
+            learning_rate=sae_cfg.learning_rate,
+            total_steps=cfg.steps,
+            warmup_steps=cfg.lr_warmup_steps,
+            decay_steps=cfg.lr_decay_steps,
+            decay_shape=cfg.lr_decay_shape,
+            final_fraction=cfg.lr_final_fraction,
+            clip_norm=cfg.grad_clip_norm,
+            beta1=cfg.adam_beta1,
+            beta2=cfg.adam_beta2,
+        )
+        column = cfg.layers.index(sae_cfg.layer) if by_layer else 0
+        members[sae_cfg.display_name()] = Member(
+            sae=build_sae(sae_cfg, cfg, d_model),
+            optimizer=optimizer,
+            columns=(column * d_model, (column + 1) * d_model),
+            sparsity_warmup_steps=cfg.sparsity_warmup_steps,
+            resample_every=sae_cfg.resample_every,
+        )
+    return members
+
+
+def _batches(config: PipelineConfig, source: Source, mesh, start_step: int) -> Iterator:
+    cfg = config.train
+    if source.npy is not None:
+        return activation_files.random_batches(source.npy, cfg.batch_size, cfg.seed, start_step)
+    backbone = lm.load_backbone(config.preset_uri, config.model.dtype)
+    tap = lm.ActivationTap(backbone, cfg.layers, mesh)
+    stream = activations.training_batches(
+        source.tokens_manifest["shards"]["train"],
+        tap,
+        tap.hidden_dim * len(cfg.layers),
+        cfg.lm_batch_size,
+        cfg.batch_size,
+        cfg.shuffle_buffer,
+        source.tokens_manifest["tokenizer"]["bos_id"],
+        cfg.seed,
+    )
+    if start_step:
+        log("train", f"replaying the activation stream to step {start_step}")
+    return itertools.islice(stream, start_step, None)
+
+
+def _train(config: PipelineConfig, source: Source, mesh) -> StageOutput:
     cfg, output = config.train, config.sae_uri
-    resume_key = _resume_key(cfg, inputs)
+    resume_key = _resume_key(cfg, source.inputs)
     if manifest.read(output) is not None:
         # A finished run under another config or input: this is a re-run, start over.
         storage.delete_tree(output)
     checkpoints = Checkpointer(storage.join(output, "checkpoints"))
     start_step = _resume_step(checkpoints, resume_key)
-
-    backbone = lm.load_backbone(config.preset_uri, config.model.dtype)
-    tap = lm.ActivationTap(backbone, [cfg.layer], mesh)
-    sae = ReluSAE(d_model=tap.hidden_dim, d_sae=d_sae, l1_coefficient=cfg.l1_coefficient)
-    trainer = Trainer(sae, cfg.learning_rate, mesh, cfg.dead_window_tokens)
-    batches = activations.training_batches(
-        tokens_manifest["shards"]["train"],
-        tap,
-        tap.hidden_dim,
-        cfg.lm_batch_size,
-        cfg.batch_size,
-        cfg.shuffle_buffer,
-        tokens_manifest["tokenizer"]["bos_id"],
-        cfg.seed,
-    )
+    members = build_members(cfg, source.d_model, by_layer=source.npy is None)
+    trainer = Trainer(members, mesh, cfg.dead_window_tokens)
+    batches = _batches(config, source, mesh, start_step or 0)
 
     if start_step is None:
         first = next(batches)
-        scale = input_scale(first)
-        state = trainer.init_state(cfg.seed, first * scale)
+        states = trainer.init_state(cfg.seed, first)
         batches = itertools.chain([first], batches)
-        log(
-            "train",
-            f"fresh run: SAE {tap.hidden_dim}->{d_sae} at layer {cfg.layer}, "
-            f"mesh {dict(mesh.shape)}, input scale {scale:.4g}",
-        )
+        summary = ", ".join(f"{n} ({m.sae.d_model}->{m.sae.d_sae})" for n, m in members.items())
+        log("train", f"fresh run on mesh {dict(mesh.shape)}: {summary}")
     else:
-        state, record = checkpoints.restore(start_step, trainer.abstract_state())
-        scale = float(record["input_scale"])
-        log(
-            "train",
-            f"resuming from step {start_step}: replaying the activation stream to its position",
-        )
-        batches = itertools.islice(batches, start_step, None)
+        states, _ = checkpoints.restore(start_step, trainer.abstract_state())
+        log("train", f"resumed from the checkpoint at step {start_step}")
 
     progress = Progress("train", cfg.steps * cfg.batch_size)
     progress.done = (start_step or 0) * cfg.batch_size
     metrics_log = MetricsLog(output)
     last_metrics: dict[str, float] = {}
     stop_requested = {"flag": False}
+    headline = next(iter(members))
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
         last_metrics.update(metrics)
         metrics_log.write(step, metrics)
-        progress.update(0, step=step, loss=metrics["loss"], l0=metrics["l0"], fve=metrics["fve"])
-
-    def on_checkpoint(step: int, state) -> None:
-        checkpoints.save(
-            step,
-            state,
-            {
-                "step": step,
-                "input_scale": scale,
-                "resume_key": resume_key,
-                "tokens_seen": step * cfg.batch_size,
-            },
+        progress.update(
+            0,
+            step=step,
+            loss=metrics[f"{headline}/loss"],
+            l0=metrics[f"{headline}/l0"],
+            fve=metrics[f"{headline}/fve"],
+            dead=metrics[f"{headline}/dead_fraction"],
         )
+
+    def on_checkpoint(step: int, states: dict[str, TrainState]) -> None:
+        record = {"step": step, "resume_key": resume_key, "tokens_seen": step * cfg.batch_size}
+        checkpoints.save(step, states, record)
         metrics_log.flush()
         log("train", f"checkpoint saved at step {step}")
 
@@ -162,12 +232,11 @@ def _train(
     )
     try:
         hooks = LoopHooks(on_metrics, on_checkpoint, lambda: stop_requested["flag"])
-        state = run_loop(
+        states = run_loop(
             trainer,
-            state,
+            states,
             counting(batches),
             cfg.steps,
-            scale,
             cfg.log_every,
             cfg.checkpoint_every,
             hooks,
@@ -176,32 +245,53 @@ def _train(
         signal.signal(signal.SIGTERM, previous_handler)
         checkpoints.close()
         metrics_log.close()
-    if int(state.step) < cfg.steps:
-        raise Preempted(f"stopped at step {int(state.step)} on SIGTERM; checkpoint saved")
-    progress.close(loss=last_metrics.get("loss", float("nan")))
+    final_step = int(next(iter(states.values())).step)
+    if final_step < cfg.steps:
+        raise Preempted(f"stopped at step {final_step} on SIGTERM; checkpoint saved")
+    progress.close(loss=last_metrics.get(f"{headline}/loss", float("nan")))
+    return _export(config, source, members, states, last_metrics)
 
-    params = sae_io.fold_input_scale(jax.tree.map(np.asarray, state.params), scale)
-    sae_cfg = {
-        "architecture": "relu",
-        "d_in": tap.hidden_dim,
-        "d_sae": d_sae,
-        "dtype": "float32",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
-        "input_scale_folded": scale,
-        "l1_coefficient": cfg.l1_coefficient,
-        "layer": cfg.layer,
-        "hook_name": f"blocks.{cfg.layer}.hook_resid_post",
-        "keras_hub_layer": f"decoder_block_{cfg.layer}",
-        "model_preset": config.preset_uri,
-        "context_size": tokens_manifest["sequence_length"],
-        "prepend_bos": True,
-        "training_tokens": cfg.steps * cfg.batch_size,
-    }
-    outputs = sae_io.save(output, params, sae_cfg)
+
+def _export(
+    config: PipelineConfig,
+    source: Source,
+    members: dict[str, Member],
+    states: dict[str, TrainState],
+    last_metrics: dict[str, float],
+) -> StageOutput:
+    """Each SAE in raw activation units (input scale folded in) under sae/<name>/."""
+    cfg, output = config.train, config.sae_uri
+    outputs, exported = [], {}
+    for sae_cfg in cfg.saes:
+        name = sae_cfg.display_name()
+        sae, state = members[name].sae, states[name]
+        weights = jax.tree.map(np.asarray, sae.export_weights({**state.params, **state.buffers}))
+        scale = float(state.input_scale)
+        sequence_length = (source.tokens_manifest or {}).get("sequence_length")
+        exported[name] = {
+            **sae.export_config(),
+            "name": name,
+            "d_in": sae.d_model,
+            "d_sae": sae.d_sae,
+            "dtype": "float32",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "input_scale_folded": scale,
+            "layer": sae_cfg.layer,
+            "hook_name": f"blocks.{sae_cfg.layer}.hook_resid_post",
+            "keras_hub_layer": f"decoder_block_{sae_cfg.layer}",
+            "model_preset": config.preset_uri,
+            "activation_source": cfg.source,
+            "context_size": sequence_length,
+            "prepend_bos": True,
+            "training_tokens": cfg.steps * cfg.batch_size,
+            "training_config": dataclasses.asdict(sae_cfg),
+        }
+        folded = sae_io.fold_input_scale(weights, scale)
+        outputs += sae_io.save(storage.join(output, name), folded, exported[name])
     counts = {
         "steps": cfg.steps,
         "tokens": cfg.steps * cfg.batch_size,
         **{f"final_{k}": v for k, v in last_metrics.items()},
     }
-    return StageOutput(counts, outputs, {"sae": sae_cfg})
+    return StageOutput(counts, outputs, {"saes": exported})

@@ -86,18 +86,19 @@ def activation_chunks(
     tap: TapFn,
     lm_batch_size: int,
     bos_id: int,
-    layer_index: int = 0,
 ) -> Iterator[np.ndarray]:
-    """Rows [n, hidden] of one tapped layer, BOS and padding positions dropped."""
+    """Rows [n, layers * hidden]: every tapped layer side by side (so SAEs on different layers
+    see the same tokens), BOS and padding positions dropped."""
     for token_ids, lengths in sequence_batches(sequences, lm_batch_size):
-        activations = tap(token_ids, lengths)[layer_index]
+        outputs = tap(token_ids, lengths)
+        activations = outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=-1)
         yield activations[content_mask(token_ids, lengths, bos_id)]
 
 
 def training_batches(
     shards: list[str],
     tap: TapFn,
-    dim: int,
+    row_dim: int,
     lm_batch_size: int,
     batch_size: int,
     buffer_rows: int,
@@ -109,4 +110,4 @@ def training_batches(
     how a resumed run finds its exact data position."""
     sequences = token_shards.iter_sequences(shards, seed=seed, epochs=None)
     chunks = activation_chunks(sequences, tap, lm_batch_size, bos_id)
-    return ShuffleBuffer(buffer_rows, dim, seed).batches(chunks, batch_size, drain=False)
+    return ShuffleBuffer(buffer_rows, row_dim, seed).batches(chunks, batch_size, drain=False)

@@ -77,15 +77,89 @@ class TokenizeConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Streaming extraction from the language model into a ReLU SAE."""
+class SaeConfig:
+    """One SAE of the run. Several train together on one activation stream (a sweep)."""
 
+    # Names the output directory sae/<name>; empty: derived from the settings below.
+    name: str = ""
+    architecture: Literal["relu", "topk", "batchtopk", "jumprelu"] = "relu"
     layer: int = 2
     # Dictionary width as a multiple of the model's hidden size.
     expansion_factor: int = 8
-    # On inputs scaled to mean norm sqrt(d_model); 2.0 gives L0 ~25 on the demo model.
-    l1_coefficient: float = 2.0
+    # Latents kept per token (topk) or on average per token (batchtopk).
+    k: int = 32
+    # ReLU: L1 coefficient; JumpReLU: L0 coefficient; unused by topk and batchtopk. On inputs
+    # scaled to mean norm sqrt(d_model); 2.0 gives L0 ~25 for ReLU on the demo model.
+    sparsity_coefficient: float = 2.0
     learning_rate: float = 2e-3
+    # AuxK (topk, batchtopk): latents per token used to revive dead ones; 0 = d_model / 2.
+    k_aux: int = 0
+    auxk_coefficient: float = 0.03125
+    # JumpReLU: straight-through kernel width and initial threshold (normalised input units).
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.05
+    # ReLU: resample dead latents every N steps; 0 turns it off.
+    resample_every: int = 0
+
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        size = f"L{self.layer}-x{self.expansion_factor}"
+        if self.architecture in ("topk", "batchtopk"):
+            return f"{self.architecture}-{size}-k{self.k}"
+        return f"{self.architecture}-{size}-c{self.sparsity_coefficient:g}"
+
+    def validate(self, prefix: str) -> None:
+        if self.layer < 0:
+            raise ConfigError(f"{prefix}.layer must be >= 0, got {self.layer}")
+        for key in ("expansion_factor", "k"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
+        for key in ("jumprelu_bandwidth", "jumprelu_init_threshold", "learning_rate"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
+        for key in ("sparsity_coefficient", "auxk_coefficient", "k_aux", "resample_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{prefix}.{key} must not be negative, got {getattr(self, key)}")
+        if self.resample_every and self.architecture != "relu":
+            raise ConfigError(
+                f"{prefix}.resample_every is for relu SAEs; {self.architecture} SAEs revive "
+                "dead latents otherwise (AuxK or the threshold)"
+            )
+        if self.name and not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ConfigError(f"{prefix}.name {self.name!r} may hold only letters, digits, - _ .")
+
+    def check_against_model(self, prefix: str, d_model: int, model_shards: int) -> None:
+        """Checks that need the model's hidden size and the mesh, run before training."""
+        d_sae = d_model * self.expansion_factor
+        if self.architecture in ("topk", "batchtopk") and self.k > d_sae:
+            raise ConfigError(f"{prefix}.k={self.k} is larger than the SAE's width {d_sae}")
+        if self.k_aux > d_sae:
+            raise ConfigError(f"{prefix}.k_aux={self.k_aux} is larger than the width {d_sae}")
+        if d_sae % model_shards:
+            raise ConfigError(
+                f"{prefix}: width {d_sae} is not divisible by the mesh's model axis "
+                f"({model_shards} devices)"
+            )
+
+
+def _default_saes() -> list[SaeConfig]:
+    return [
+        SaeConfig(architecture="relu", sparsity_coefficient=2.0),
+        SaeConfig(architecture="topk", k=32),
+    ]
+
+
+@dataclass
+class TrainConfig:
+    """Activations (streamed from the language model, or from .npy files) into SAEs."""
+
+    saes: list[SaeConfig] = field(default_factory=_default_saes)
+    # Where activation rows come from: the language model over the tokenized corpus, or
+    # plain .npy files of shape [tokens, d_model] (`activations`).
+    source: Literal["stream", "npy"] = "stream"
+    # .npy files (a URI or glob, or several separated by commas) when source is npy.
+    activations: str = ""
     # Tokens per optimizer step (split over the mesh's data axis).
     batch_size: int = 1024
     steps: int = 600
@@ -98,22 +172,68 @@ class TrainConfig:
     # A latent that has not fired for this many training tokens counts as dead (10M is the
     # field's default; the tiny local run sees fewer tokens than that in total).
     dead_window_tokens: int = 200_000
+    # Adam schedule: linear warm-up, constant, then decay over the last fraction of the steps.
+    lr_warmup_steps: int = 20
+    lr_decay_fraction: float = 0.2
+    lr_decay_shape: Literal["linear", "cosine"] = "linear"
+    lr_final_fraction: float = 0.0
+    # Global-norm gradient clipping; 0 turns it off.
+    grad_clip_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    # Linear warm-up of the sparsity coefficient (ReLU's L1, JumpReLU's L0) over these steps.
+    sparsity_warmup_steps: int = 0
+    decoder_bias_init: Literal["mean", "geometric_median", "zeros"] = "geometric_median"
+    # Encoder and decoder matmuls; parameters and optimizer state stay float32.
+    matmul_dtype: Literal["float32", "bfloat16"] = "float32"
     # Mesh shape: data axis over tokens, model axis over latents; -1 takes the remaining devices.
     mesh_data: int = -1
     mesh_model: int = 1
     seed: int = 0
 
     def validate(self) -> None:
-        if self.layer < 0:
-            raise ConfigError(f"train.layer must be >= 0, got {self.layer}")
-        _positive(self, "expansion_factor", "batch_size", "steps", "lm_batch_size")
+        if not self.saes:
+            raise ConfigError("train.saes must list at least one SAE")
+        for index, sae in enumerate(self.saes):
+            sae.validate(f"train.saes[{index}]")
+        names = [sae.display_name() for sae in self.saes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"train.saes: two SAEs share the name {duplicates[0]!r}; name them")
+        _positive(self, "batch_size", "steps", "lm_batch_size")
         _positive(self, "shuffle_buffer", "checkpoint_every", "log_every", "mesh_model")
         _positive(self, "dead_window_tokens")
-        _non_negative(self, "l1_coefficient", "learning_rate")
+        _non_negative(self, "lr_warmup_steps", "grad_clip_norm")
+        _non_negative(self, "sparsity_warmup_steps", "lr_final_fraction")
+        if not 0 <= self.lr_decay_fraction <= 1:
+            raise ConfigError("train.lr_decay_fraction must be in [0, 1]")
+        if self.lr_warmup_steps + self.lr_decay_steps > self.steps:
+            raise ConfigError(
+                f"train.lr_warmup_steps ({self.lr_warmup_steps}) and the decay "
+                f"({self.lr_decay_steps} steps) do not fit in train.steps ({self.steps})"
+            )
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be in [0, 1)")
+        if self.lr_final_fraction > 1:
+            raise ConfigError("train.lr_final_fraction must be in [0, 1]")
         if self.mesh_data != -1 and self.mesh_data < 1:
             raise ConfigError("train.mesh_data must be -1 (all devices) or positive")
         if self.shuffle_buffer < self.batch_size:
             raise ConfigError("train.shuffle_buffer must be at least train.batch_size")
+        if self.source == "npy" and not self.activations:
+            raise ConfigError("train.activations (.npy files) is required when train.source is npy")
+        if self.source == "stream" and self.activations:
+            raise ConfigError("train.activations is read only when train.source is npy")
+
+    @property
+    def lr_decay_steps(self) -> int:
+        return round(self.steps * self.lr_decay_fraction)
+
+    @property
+    def layers(self) -> list[int]:
+        """The distinct layers the SAEs read, in order: the columns of an activation row."""
+        return sorted({sae.layer for sae in self.saes})
 
 
 @dataclass
@@ -202,6 +322,9 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
             raise ConfigError(f"config file {path} is not valid YAML: {problem}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    # Start from the defaults so an override can reach into a default list
+    # (train.saes.1.k=16); the file's sections merge in, its lists replace.
+    raw = _merge(dataclasses.asdict(PipelineConfig()), raw)
     for override in overrides:
         _apply_override(raw, override)
     config = from_dict(PipelineConfig, raw)
@@ -273,6 +396,16 @@ def _coerce_scalar(hint: type, value: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}' has an unsupported type {hint!r}")
 
 
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def _apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
@@ -281,14 +414,36 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         value = text
-    node = raw
+    node: Any = raw
     parts = key.split(".")
     for part in parts[:-1]:
+        if isinstance(node, list):
+            node = _list_item(node, part, override)
+            continue
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, dict | list):
             raise ConfigError(f"override {override!r}: '{part}' is not a section")
         node = child
-    node[parts[-1]] = value
+    if isinstance(node, list):
+        index = _list_index(node, parts[-1], override)
+        node[index] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _list_index(items: list, part: str, override: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(
+            f"override {override!r}: '{part}' is not an index of a list of {len(items)} items"
+        )
+    return int(part)
+
+
+def _list_item(items: list, part: str, override: str) -> dict[str, Any]:
+    item = items[_list_index(items, part, override)]
+    if not isinstance(item, dict):
+        raise ConfigError(f"override {override!r}: item {part} is not a section")
+    return item
 
 
 def _suggestion(key: str, names: list[str], prefix: str) -> str:

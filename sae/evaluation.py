@@ -55,9 +55,77 @@ def _batch_statistics(sae: SparseAutoencoder, top_k: int):
     return jax.jit(statistics)
 
 
+@dataclass
+class EvalModel:
+    """One SAE to evaluate, and which tapped layer it reads."""
+
+    sae: SparseAutoencoder
+    params: dict[str, np.ndarray]
+    layer_index: int = 0
+
+
+class _Accumulator:
+    """Running sums for one SAE over the evaluation batches."""
+
+    def __init__(self, model: EvalModel, top_k: int) -> None:
+        self.model, self.top_k = model, top_k
+        self.statistics = _batch_statistics(model.sae, top_k)
+        self.params = jax.device_put({k: jnp.asarray(v) for k, v in model.params.items()})
+        d_sae = model.sae.d_sae
+        self.sums = {"squared_error": 0.0, "squared_norm": 0.0, "l0": 0.0}
+        self.sum_x = np.zeros(model.sae.d_model)
+        self.fire_counts = np.zeros(d_sae, np.int64)
+        self.activation_sums = np.zeros(d_sae)
+        self.max_activations = np.zeros(d_sae, np.float32)
+        self.top_values = np.zeros((d_sae, top_k), np.float32)
+        self.top_refs = np.zeros((d_sae, top_k, 2), np.int64)
+
+    def add(self, activations: np.ndarray, mask: np.ndarray, first_sequence: int) -> None:
+        _, seq_len, d_model = activations.shape
+        out = jax.device_get(
+            self.statistics(self.params, activations.reshape(-1, d_model), mask.reshape(-1))
+        )
+        for key in self.sums:
+            self.sums[key] += float(out[key])
+        self.sum_x += out["sum_x"]
+        self.fire_counts += out["fire_counts"].astype(np.int64)
+        self.activation_sums += out["activation_sums"]
+        self.max_activations = np.maximum(self.max_activations, out["max_activations"])
+        rows = out["top_rows"]
+        refs = np.stack([first_sequence + rows // seq_len, rows % seq_len], axis=-1)
+        self.top_values, self.top_refs = _merge_top(
+            self.top_values, self.top_refs, out["top_values"], refs, self.top_k
+        )
+
+    def result(self, tokens: int, sequences: list[np.ndarray]) -> EvalResult:
+        sums = self.sums
+        mean = self.sum_x / tokens
+        variance = sums["squared_norm"] - tokens * float(mean @ mean)
+        fire_counts = self.fire_counts
+        metrics = {
+            "eval_tokens": tokens,
+            "l0": sums["l0"] / tokens,
+            "fraction_variance_explained": 1.0 - sums["squared_error"] / max(variance, 1e-12),
+            "normalized_mse": sums["squared_error"] / max(sums["squared_norm"], 1e-12),
+            "mse_per_token": sums["squared_error"] / tokens,
+            "dead_latents": int(np.sum(fire_counts == 0)),
+            "dead_fraction": float(np.mean(fire_counts == 0)),
+            "dense_latents": int(np.sum(fire_counts > DENSE_THRESHOLD * tokens)),
+            "d_sae": self.model.sae.d_sae,
+        }
+        return EvalResult(
+            metrics,
+            fire_counts,
+            self.activation_sums,
+            self.max_activations,
+            self.top_values,
+            self.top_refs,
+            sequences,
+        )
+
+
 def evaluate(
-    sae: SparseAutoencoder,
-    params: dict[str, np.ndarray],
+    models: list[EvalModel],
     sequences: Iterator[tuple[np.ndarray, int]],
     tap,
     lm_batch_size: int,
@@ -65,38 +133,19 @@ def evaluate(
     max_tokens: int,
     top_k: int,
     progress=None,
-) -> EvalResult:
-    """Stream held-out sequences through the model and the SAE until `max_tokens` are seen."""
-    statistics = _batch_statistics(sae, top_k)
-    device_params = jax.device_put({k: jnp.asarray(v) for k, v in params.items()})
-    d_sae, d_model = sae.d_sae, sae.d_model
-    sums = {"squared_error": 0.0, "squared_norm": 0.0, "l0": 0.0}
-    sum_x = np.zeros(d_model)
-    fire_counts = np.zeros(d_sae, np.int64)
-    activation_sums = np.zeros(d_sae)
-    max_activations = np.zeros(d_sae, np.float32)
-    top_values = np.zeros((d_sae, top_k), np.float32)
-    top_refs = np.zeros((d_sae, top_k, 2), np.int64)
+) -> list[EvalResult]:
+    """Stream held-out sequences through the model once, and every SAE on its layer, until
+    `max_tokens` are seen."""
+    accumulators = [_Accumulator(model, top_k) for model in models]
     kept: list[np.ndarray] = []
     tokens = 0
     for token_ids, lengths in sequence_batches(sequences, lm_batch_size):
         mask = content_mask(token_ids, lengths, bos_id)
-        activations = tap(token_ids, lengths)[0]
-        batch, seq_len, _ = activations.shape
-        out = jax.device_get(
-            statistics(device_params, activations.reshape(-1, d_model), mask.reshape(-1))
-        )
-        for key in sums:
-            sums[key] += float(out[key])
-        sum_x += out["sum_x"]
-        fire_counts += out["fire_counts"].astype(np.int64)
-        activation_sums += out["activation_sums"]
-        max_activations = np.maximum(max_activations, out["max_activations"])
+        outputs = tap(token_ids, lengths)
         first_sequence = len(kept)
-        kept.extend(token_ids[i, : lengths[i]] for i in range(batch) if lengths[i] > 0)
-        rows = out["top_rows"]
-        refs = np.stack([first_sequence + rows // seq_len, rows % seq_len], axis=-1)
-        top_values, top_refs = _merge_top(top_values, top_refs, out["top_values"], refs, top_k)
+        for accumulator in accumulators:
+            accumulator.add(outputs[accumulator.model.layer_index], mask, first_sequence)
+        kept.extend(token_ids[i, : lengths[i]] for i in range(len(lengths)) if lengths[i] > 0)
         tokens += int(mask.sum())
         if progress is not None:
             progress.update(int(mask.sum()))
@@ -104,22 +153,7 @@ def evaluate(
             break
     if tokens == 0:
         raise ValueError("no evaluation tokens")
-    mean = sum_x / tokens
-    variance = sums["squared_norm"] - tokens * float(mean @ mean)
-    metrics = {
-        "eval_tokens": tokens,
-        "l0": sums["l0"] / tokens,
-        "fraction_variance_explained": 1.0 - sums["squared_error"] / max(variance, 1e-12),
-        "normalized_mse": sums["squared_error"] / max(sums["squared_norm"], 1e-12),
-        "mse_per_token": sums["squared_error"] / tokens,
-        "dead_latents": int(np.sum(fire_counts == 0)),
-        "dead_fraction": float(np.mean(fire_counts == 0)),
-        "dense_latents": int(np.sum(fire_counts > DENSE_THRESHOLD * tokens)),
-        "d_sae": d_sae,
-    }
-    return EvalResult(
-        metrics, fire_counts, activation_sums, max_activations, top_values, top_refs, kept
-    )
+    return [accumulator.result(tokens, kept) for accumulator in accumulators]
 
 
 def _merge_top(

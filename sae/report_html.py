@@ -100,3 +100,28 @@ def render(
 {sections}
 </body></html>
 """
+
+
+def render_overview(title: str, rows: list[dict[str, Any]]) -> str:
+    """One row per SAE of the run with its headline held-out metrics and a link to its page."""
+    columns = ["name", "architecture", "layer", "d_sae", "l0", "fraction_variance_explained"]
+    columns += ["dead_fraction", "dense_latents"]
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+
+    def cell(row: dict[str, Any], column: str) -> str:
+        value = row.get(column, "")
+        if column == "name":
+            return f'<a href="{_e(value)}/index.html">{_e(value)}</a>'
+        return _e(f"{value:.4g}" if isinstance(value, float) else value)
+
+    body = "".join(
+        "<tr>" + "".join(f"<td>{cell(r, c)}</td>" for c in columns) + "</tr>" for r in rows
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
+<style>{_STYLE}</style></head>
+<body><h1>{_e(title)}</h1>
+<p>Held-out evaluation of every SAE trained in this run.</p>
+<table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+</body></html>
+"""

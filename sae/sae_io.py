@@ -15,7 +15,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from sae import storage
-from sae.arch import ARCHITECTURES, SparseAutoencoder
+from sae.arch import INFERENCE_ARCHITECTURES, SparseAutoencoder, from_export_config
 from sae.errors import InputError
 
 WEIGHTS_NAME = "sae_weights.safetensors"
@@ -23,6 +23,7 @@ CONFIG_NAME = "cfg.json"
 
 
 def fold_input_scale(params: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    """Pre-activations are unchanged by the fold, so thresholds (JumpReLU) stay as they are."""
     folded = dict(params)
     folded["W_enc"] = params["W_enc"] * scale
     folded["W_dec"] = params["W_dec"] / scale
@@ -44,6 +45,6 @@ def load(directory_uri: str) -> tuple[SparseAutoencoder, dict[str, np.ndarray], 
         raise InputError(f"no trained SAE at {directory_uri} ({CONFIG_NAME} not found)")
     cfg = json.loads(storage.read_text(config_uri))
     params = load_safetensors(storage.read_bytes(storage.join(directory_uri, WEIGHTS_NAME)))
-    architecture = ARCHITECTURES[cfg["architecture"]]
-    sae = architecture(d_model=cfg["d_in"], d_sae=cfg["d_sae"])
-    return sae, params, cfg
+    if cfg.get("architecture") not in INFERENCE_ARCHITECTURES:
+        raise InputError(f"{config_uri}: unknown SAE architecture {cfg.get('architecture')!r}")
+    return from_export_config(cfg), params, cfg

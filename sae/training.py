@@ -1,14 +1,18 @@
-"""The jitted, mesh-sharded SAE train step and the loop around it.
+"""The jitted, mesh-sharded train step for one or several SAEs, and the loop around it.
 
-Parameters and optimizer state are sharded by the architecture's partition specs (latents over
-the model axis); batches are split over the data axis. The step is one pure function, jitted
-once, so it runs unchanged on 1 CPU, 8 emulated CPU devices, a GPU, or a TPU slice.
+Several SAEs (a sweep over widths, k, coefficients or layers) train in one step function on
+the same batch of activation rows, each reading its own columns (its layer), so one pass of the
+language model feeds all of them. Parameters and optimizer state are sharded by each
+architecture's partition specs (latents over the model axis); batches split over the data axis.
+The step is one pure function, jitted once, so it runs unchanged on 1 CPU, 8 emulated CPU
+devices, a GPU, or a TPU slice.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import flax.struct
@@ -19,54 +23,90 @@ import optax
 from jax.sharding import Mesh
 
 from sae import sharding
-from sae.arch.base import Params, SparseAutoencoder
+from sae.arch.base import LossContext, Params, SparseAutoencoder
+from sae.optimizer import OptimizerSettings, learning_rate_schedule, make_optimizer
+from sae.resampling import resample_dead
+
+# A latent active on more than this fraction of tokens counts as dense.
+DENSE_THRESHOLD = 0.1
 
 
 @flax.struct.dataclass
 class TrainState:
     params: Params
+    buffers: Params
     opt_state: Any
     step: jax.Array
+    rng: jax.Array  # raw uint32 key data, so it checkpoints like any array
+    # Multiplier that brings raw activations to mean norm sqrt(d_model); fixed at init.
+    input_scale: jax.Array
     # Tokens seen since each latent last fired: dead-latent tracking over a token window.
     tokens_since_fired: jax.Array
+    # Running firing frequency per latent over about one window: dense-latent tracking.
+    fire_rate: jax.Array
 
 
-def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
-    return optax.adam(learning_rate)
+@dataclass(frozen=True)
+class Member:
+    """One SAE of the run and how it trains."""
+
+    sae: SparseAutoencoder
+    optimizer: OptimizerSettings
+    # Which columns of a batch row are this SAE's input (its layer's slice).
+    columns: tuple[int, int] = (0, -1)
+    # Linear ramp of the sparsity penalty from 0 over these steps (ReLU's L1, JumpReLU's L0).
+    sparsity_warmup_steps: int = 0
+    # Resample dead latents every N steps (ReLU only); 0 turns it off.
+    resample_every: int = 0
+
+    def input_of(self, batch: Any) -> Any:
+        start, stop = self.columns
+        return batch[:, start:] if stop == -1 else batch[:, start:stop]
 
 
 def input_scale(sample: np.ndarray) -> float:
     """Factor that makes the mean activation norm sqrt(d_model) (SAELens' convention), so one
-    L1 coefficient means the same thing at every layer and model size."""
+    coefficient means the same thing at every layer and model size."""
     mean_norm = float(np.mean(np.linalg.norm(sample, axis=-1)))
     return float(np.sqrt(sample.shape[-1]) / max(mean_norm, 1e-12))
+
+
+def remove_parallel_component(grad: jax.Array, rows: jax.Array) -> jax.Array:
+    """The gradient of unit-norm rows with the part that would change their norm removed."""
+    return grad - jnp.sum(grad * rows, axis=1, keepdims=True) * rows
+
+
+def normalize_rows(rows: jax.Array) -> jax.Array:
+    return rows / jnp.maximum(jnp.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
 def _leaf_spec(path: tuple, leaf: Any, specs: dict[str, tuple]) -> tuple:
     # Optimizer moments mirror the parameter tree: shard them like the parameter they track.
     names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
-    if names and names[-1] in specs and len(specs[names[-1]]) == getattr(leaf, "ndim", 0):
+    attrs = [p.name for p in path if isinstance(p, jax.tree_util.GetAttrKey)]
+    ndim = getattr(leaf, "ndim", 0)
+    if names and names[-1] in specs and len(specs[names[-1]]) == ndim:
         return specs[names[-1]]
-    if getattr(leaf, "ndim", 0) == 1 and names and names[-1] == "tokens_since_fired":
+    if attrs and attrs[-1] in ("tokens_since_fired", "fire_rate"):
         return (sharding.MODEL,)
     return ()
 
 
 class Trainer:
-    """Builds the sharded state and the jitted step for one SAE on one mesh."""
+    """Sharded states and the jitted step for the SAEs of one run, on one mesh."""
 
     def __init__(
         self,
-        sae: SparseAutoencoder,
-        learning_rate: float,
+        members: dict[str, Member],
         mesh: Mesh,
         dead_window_tokens: int = 10_000_000,
     ) -> None:
-        self.sae, self.mesh = sae, mesh
-        self.dead_window_tokens = dead_window_tokens
-        self.optimizer = make_optimizer(learning_rate)
+        self.members, self.mesh = members, mesh
+        # A float: token counts past int32 are ordinary over a long run.
+        self.dead_window_tokens = float(dead_window_tokens)
+        self.optimizers = {name: make_optimizer(m.optimizer) for name, m in members.items()}
+        self.schedules = {name: learning_rate_schedule(m.optimizer) for name, m in members.items()}
         self.batch_sharding = sharding.batch_sharding(mesh)
-        self._specs = sae.partition_specs()
         # Emulated CPU devices share one small thread pool: with several sharded steps in
         # flight, their collectives can wait on each other forever. Run them one at a time.
         self._synchronous = jax.default_backend() == "cpu" and mesh.devices.size > 1
@@ -78,84 +118,161 @@ class Trainer:
             donate_argnums=0,
         )
 
-    def _abstract_unsharded(self) -> TrainState:
-        sample = jax.ShapeDtypeStruct((1, self.sae.d_model), jnp.float32)
-        return jax.eval_shape(
-            lambda x: self._state_from_params(self.sae.init_params(jax.random.key(0), x)), sample
+    # --- state -------------------------------------------------------------------------
+
+    def _fresh_state(self, name: str, key: jax.Array, sample: jax.Array, scale: jax.Array):
+        member = self.members[name]
+        params = member.sae.init_params(key, sample * scale)
+        return TrainState(
+            params=params,
+            buffers=member.sae.init_buffers(),
+            opt_state=self.optimizers[name].init(params),
+            step=jnp.zeros((), jnp.int32),
+            rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+            input_scale=jnp.asarray(scale, jnp.float32),
+            tokens_since_fired=jnp.zeros((member.sae.d_sae,), jnp.float32),
+            fire_rate=jnp.zeros((member.sae.d_sae,), jnp.float32),
         )
 
-    def _state_shardings(self) -> TrainState:
-        return jax.tree_util.tree_map_with_path(
-            lambda path, leaf: sharding.named(self.mesh, *_leaf_spec(path, leaf, self._specs)),
-            self._abstract_unsharded(),
-        )
+    def _abstract_unsharded(self) -> dict[str, TrainState]:
+        states = {}
+        for index, (name, member) in enumerate(self.members.items()):
+            sample = jax.ShapeDtypeStruct((1, member.sae.d_model), jnp.float32)
+            scale = jax.ShapeDtypeStruct((), jnp.float32)
+            states[name] = jax.eval_shape(
+                lambda x, s, n=name, i=index: self._fresh_state(n, jax.random.key(i), x, s),
+                sample,
+                scale,
+            )
+        return states
 
-    def abstract_state(self) -> TrainState:
-        """Shapes, dtypes and shardings of the state (the restore target for checkpoints)."""
+    def _state_shardings(self) -> dict[str, TrainState]:
+        shardings = {}
+        for name, abstract in self._abstract_unsharded().items():
+            specs = {**self.members[name].sae.partition_specs()}
+            shardings[name] = jax.tree_util.tree_map_with_path(
+                lambda path, leaf, s=specs: sharding.named(self.mesh, *_leaf_spec(path, leaf, s)),
+                abstract,
+            )
+        return shardings
+
+    def abstract_state(self) -> dict[str, TrainState]:
+        """Shapes, dtypes and shardings of the states (the restore target for checkpoints)."""
         return jax.tree.map(
             lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
             self._abstract_unsharded(),
             self.state_sharding,
         )
 
-    def _state_from_params(self, params: Params) -> TrainState:
-        return TrainState(
-            params=params,
-            opt_state=self.optimizer.init(params),
-            step=jnp.zeros((), jnp.int32),
-            tokens_since_fired=jnp.zeros((self.sae.d_sae,), jnp.float32),
-        )
+    def init_state(self, seed: int, sample: np.ndarray) -> dict[str, TrainState]:
+        """Fresh states from a first batch of raw activation rows (all members' columns)."""
+        states = {}
+        for index, (name, member) in enumerate(self.members.items()):
+            rows = np.asarray(member.input_of(sample), np.float32)
+            scale = input_scale(rows)
+            key = jax.random.fold_in(jax.random.key(seed), index)
+            with jax.set_mesh(self.mesh):
+                init = jax.jit(
+                    lambda k, x, s, n=name: self._fresh_state(n, k, x, s),
+                    out_shardings=self.state_sharding[name],
+                )
+                states[name] = init(key, jnp.asarray(rows), jnp.float32(scale))
+        return states
 
-    def init_state(self, seed: int, sample: np.ndarray) -> TrainState:
-        init = jax.jit(
-            lambda key, x: self._state_from_params(self.sae.init_params(key, x)),
-            out_shardings=self.state_sharding,
-        )
-        return init(jax.random.key(seed), jnp.asarray(sample))
+    # --- step --------------------------------------------------------------------------
 
     def put_batch(self, batch: np.ndarray) -> jax.Array:
         return jax.device_put(batch, self.batch_sharding)
 
-    def step(self, state: TrainState, batch: np.ndarray) -> tuple[TrainState, dict[str, Any]]:
-        """One optimizer step on a host batch."""
-        state, metrics = self.step_fn(state, self.put_batch(batch))
+    def step(
+        self, states: dict[str, TrainState], batch: np.ndarray | jax.Array
+    ) -> tuple[dict[str, TrainState], dict[str, Any]]:
+        """One optimizer step of every member on a batch of raw activation rows."""
+        if not isinstance(batch, jax.Array):
+            batch = self.put_batch(batch)
+        # Tracing happens on the first call: the mesh must be current then (sparse_ops reads it).
+        with jax.set_mesh(self.mesh):
+            states, metrics = self.step_fn(states, batch)
         if self._synchronous:
             jax.block_until_ready(metrics)
-        return state, metrics
+        return states, metrics
 
-    def _step(self, state: TrainState, x: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-        (loss, aux), grads = jax.value_and_grad(self.sae.loss, has_aux=True)(state.params, x)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        fired = jnp.any(aux["latents"] > 0, axis=0)
-        tokens_since_fired = jnp.where(fired, 0.0, state.tokens_since_fired + x.shape[0])
-        metrics = batch_metrics(x, aux["reconstruction"], aux["latents"])
-        metrics.update(
-            loss=loss,
-            mse=aux["mse"],
-            sparsity=aux["l1"],
-            grad_norm=optax.global_norm(grads),
-            dead_fraction=jnp.mean(tokens_since_fired >= self.dead_window_tokens),
+    def _step(self, states: dict[str, TrainState], batch: jax.Array):
+        new_states, metrics = {}, {}
+        for name, member in self.members.items():
+            x = member.input_of(batch) * states[name].input_scale
+            new_states[name], member_metrics = self._member_step(name, states[name], x)
+            metrics.update({f"{name}/{k}": v for k, v in member_metrics.items()})
+        return new_states, metrics
+
+    def _member_step(self, name: str, state: TrainState, x: jax.Array):
+        member, sae = self.members[name], self.members[name].sae
+        tokens = x.shape[0]
+        warmup = max(member.sparsity_warmup_steps, 1)
+        ctx = LossContext(
+            sparsity_scale=jnp.minimum((state.step + 1) / warmup, 1.0).astype(jnp.float32),
+            dead=state.tokens_since_fired >= self.dead_window_tokens,
         )
+        (loss, out), grads = jax.value_and_grad(sae.loss, has_aux=True)(
+            state.params, state.buffers, x, ctx
+        )
+        if sae.unit_norm_decoder:
+            grads = {
+                **grads,
+                "W_dec": remove_parallel_component(grads["W_dec"], state.params["W_dec"]),
+            }
+        updates, opt_state = self.optimizers[name].update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if sae.unit_norm_decoder:
+            params = {**params, "W_dec": normalize_rows(params["W_dec"])}
+        buffers = sae.update_buffers(state.buffers, out, state.step)
+
+        counts = out["fire_counts"]
+        tokens_since_fired = jnp.where(counts > 0, 0.0, state.tokens_since_fired + tokens)
+        rate_weight = min(1.0, tokens / self.dead_window_tokens)
+        fire_rate = state.fire_rate + rate_weight * (counts / tokens - state.fire_rate)
+        dead = tokens_since_fired >= self.dead_window_tokens
+        key, resample_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        if member.resample_every:
+            due = ((state.step + 1) % member.resample_every == 0) & jnp.any(dead)
+            params, opt_state = jax.lax.cond(
+                due,
+                lambda p, o: resample_dead(resample_key, p, o, dead, x, out["reconstruction"]),
+                lambda p, o: (p, o),
+                params,
+                opt_state,
+            )
+            # A resampled latent gets a fresh window to prove itself.
+            tokens_since_fired = jnp.where(due & dead, 0.0, tokens_since_fired)
+
+        metrics = {
+            "loss": loss,
+            **out["parts"],
+            "l0": out["l0"],
+            "fve": fraction_variance_explained(x, out["reconstruction"]),
+            "dead_fraction": jnp.mean(dead),
+            "dense_fraction": jnp.mean(fire_rate > DENSE_THRESHOLD),
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": self.schedules[name](state.step),
+        }
         new_state = TrainState(
             params=params,
+            buffers=buffers,
             opt_state=opt_state,
             step=state.step + 1,
+            rng=jax.random.key_data(key),
+            input_scale=state.input_scale,
             tokens_since_fired=tokens_since_fired,
+            fire_rate=fire_rate,
         )
         return new_state, metrics
 
 
-def batch_metrics(
-    x: jax.Array, reconstruction: jax.Array, latents: jax.Array
-) -> dict[str, jax.Array]:
-    """L0 and fraction of variance explained on one batch (training-time signals only)."""
+def fraction_variance_explained(x: jax.Array, reconstruction: jax.Array) -> jax.Array:
+    """On one training batch: a training-time signal, not an evaluation metric."""
     residual = jnp.sum((x - reconstruction) ** 2)
     variance = jnp.sum((x - jnp.mean(x, axis=0)) ** 2)
-    return {
-        "l0": jnp.mean(jnp.sum(latents > 0, axis=-1)),
-        "fve": 1.0 - residual / jnp.maximum(variance, 1e-12),
-    }
+    return 1.0 - residual / jnp.maximum(variance, 1e-12)
 
 
 @dataclass
@@ -163,33 +280,40 @@ class LoopHooks:
     """Callbacks the loop calls; the job wires them to logging, checkpoints and progress."""
 
     on_metrics: Callable[[int, dict[str, float]], None] = lambda step, metrics: None
-    on_checkpoint: Callable[[int, TrainState], None] = lambda step, state: None
+    on_checkpoint: Callable[[int, dict[str, TrainState]], None] = lambda step, state: None
     should_stop: Callable[[], bool] = lambda: False
+    clock: Callable[[], float] = field(default=time.perf_counter)
 
 
 def run_loop(
     trainer: Trainer,
-    state: TrainState,
+    states: dict[str, TrainState],
     batches: Iterator[np.ndarray],
     steps: int,
-    scale: float,
     log_every: int,
     checkpoint_every: int,
     hooks: LoopHooks,
-) -> TrainState:
-    """Train from `state.step` to `steps`; `batches` must already be positioned at that step."""
-    step = int(state.step)
+) -> dict[str, TrainState]:
+    """Train from the states' step to `steps`; `batches` must already be positioned there.
+    Logged metrics include `tokens_per_second` over the steps since the last log."""
+    step = int(next(iter(states.values())).step)
+    window_start, window_tokens = hooks.clock(), 0
     while step < steps:
         batch = next(batches, None)
         if batch is None:
             raise RuntimeError("activation stream ended before training finished")
-        state, metrics = trainer.step(state, batch * scale)
+        states, metrics = trainer.step(states, batch)
         step += 1
+        window_tokens += len(batch)
         if step % log_every == 0 or step == steps:
-            hooks.on_metrics(step, {k: float(v) for k, v in metrics.items()})
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = hooks.clock()
+            values["tokens_per_second"] = window_tokens / max(now - window_start, 1e-9)
+            window_start, window_tokens = now, 0
+            hooks.on_metrics(step, values)
         if step % checkpoint_every == 0 or step == steps:
-            hooks.on_checkpoint(step, state)
+            hooks.on_checkpoint(step, states)
         if hooks.should_stop():
-            hooks.on_checkpoint(step, state)
+            hooks.on_checkpoint(step, states)
             break
-    return state
+    return states

@@ -20,6 +20,43 @@ from dataclasses import dataclass, field  # noqa: E402
 import pytest  # noqa: E402
 
 
+def _serve_emulator(argv: list[str]) -> None:
+    """Run gcp-storage-emulator (``argv`` as for ``python -m gcp_storage_emulator``), with
+    object downloads carrying ``x-goog-generation`` and ``x-goog-metageneration`` headers,
+    as real GCS sends them.
+
+    tensorstore (Orbax's array writer) takes an object's generation from those headers
+    whenever it reads it. The emulator leaves them out, so every read of an existing
+    object comes back as generation 0, and the next write conditioned on it fails inside
+    tensorstore with "Malformed StorageGeneration" (a GCS generation is never 0). Orbax
+    hits this in its OCDBT database: each commit writes ``manifest.ocdbt`` with
+    ``ifGenerationMatch`` set to the last generation it saw, which is normally the one its
+    own previous write returned; only when it re-reads the manifest in between (parallel
+    array writes within one save, so it depends on timing) does it pick up the bogus 0.
+    Hence a checkpoint save to gs:// that failed now and then, at wait_until_finished.
+    """
+    from http import HTTPStatus
+
+    from gcp_storage_emulator.handlers import objects
+
+    download = objects.download
+
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        download(request, response, storage, *args, **kwargs)
+        if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+            params = request.params
+            obj = storage.get_file_obj(params["bucket_name"], params["object_id"])
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj["metageneration"])
+
+    # Patched before the server module is imported: its route table binds handlers then.
+    assert "gcp_storage_emulator.server" not in sys.modules
+    objects.download = download_with_generation
+    from gcp_storage_emulator.__main__ import main
+
+    main(argv)
+
+
 @dataclass(frozen=True)
 class GcsEmulator:
     """A running gcp-storage-emulator: ``env`` is what subprocesses need to use it."""
@@ -73,7 +110,8 @@ def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulat
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path_factory.mktemp("gcs-emulator") / "emulator.log"
-    cmd = [sys.executable, "-m", "gcp_storage_emulator", "start"]
+    # This file run as a script: the emulator with _serve_emulator's fix (see there).
+    cmd = [sys.executable, __file__, "start"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--in-memory", "--quiet"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -109,7 +147,9 @@ def gcs_bucket_uri(gcs_emulator: GcsEmulator) -> str:
     return f"gs://{gcs_emulator.bucket}/test-{uuid.uuid4().hex[:12]}"
 
 
-# A small demo configuration shared by the end-to-end tests: a 2-layer model, a few steps.
+# A small demo configuration shared by the end-to-end tests: a 2-layer model, a few steps, and
+# the default pair of SAEs (ReLU and TopK) trained together on layer 1.
+SMALL_SAES = ("relu-L1-x4-c2", "topk-L1-x4-k16")
 SMALL = [
     "demo.num_documents=1000",
     "demo.num_files=2",
@@ -119,8 +159,11 @@ SMALL = [
     "demo.lm_train_steps=80",
     "tokenize.num_shards=2",
     "tokenize.eval_fraction=0.1",
-    "train.layer=1",
-    "train.expansion_factor=4",
+    "train.saes.0.layer=1",
+    "train.saes.0.expansion_factor=4",
+    "train.saes.1.layer=1",
+    "train.saes.1.expansion_factor=4",
+    "train.saes.1.k=16",
     "train.steps=60",
     "train.batch_size=256",
     "train.shuffle_buffer=2048",
@@ -141,3 +184,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("pipeline")
     assert main(["pipeline", f"workdir={workdir}", *SMALL]) == 0
     return workdir
+
+
+if __name__ == "__main__":
+    _serve_emulator(sys.argv[1:])

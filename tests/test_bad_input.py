@@ -71,7 +71,7 @@ def test_bad_config(capsys, tmp_path, local_run, override, expected):
 def test_layer_past_the_models_depth(capsys, tmp_path, local_run):
     # Tokenize first (cheap), then train must refuse before loading anything.
     assert _run(capsys, tmp_path, local_run)[0] == 0
-    code, message = _run(capsys, tmp_path, local_run, "train.layer=9", stage="train")
+    code, message = _run(capsys, tmp_path, local_run, "train.saes.1.layer=9", stage="train")
     _assert_clean_failure(code, message, "layer 9 is out of range", tmp_path, "sae")
     assert "2 layers" in message
 

@@ -26,7 +26,8 @@ def test_overrides_are_typed():
         None,
         [
             "train.steps=7",
-            "train.learning_rate=2e-3",
+            "train.lr_warmup_steps=2",
+            "train.saes.0.learning_rate=2e-3",
             "demo.enabled=false",
             "tokenize.input=/data/*.jsonl",
             "model.preset=/p",
@@ -34,7 +35,7 @@ def test_overrides_are_typed():
         ],
     )
     assert cfg.train.steps == 7
-    assert cfg.train.learning_rate == pytest.approx(0.002)
+    assert cfg.train.saes[0].learning_rate == pytest.approx(0.002)
     assert cfg.demo.enabled is False
     assert cfg.report.steering_features == [1, 2]
 
@@ -56,7 +57,18 @@ def test_derived_paths_follow_workdir():
         (["demo.enabled=3"], "config key 'demo.enabled' must be true or false"),
         (["tokenize.format=xml"], "config key 'tokenize.format' must be one of 'jsonl', 'text'"),
         (["train.steps=0"], "train.steps must be positive"),
-        (["train.l1_coefficient=-1"], "train.l1_coefficient must not be negative"),
+        (
+            ["train.saes.0.sparsity_coefficient=-1"],
+            "train.saes[0].sparsity_coefficient must not be negative",
+        ),
+        (["train.saes.3.k=2"], "'3' is not an index of a list of 2 items"),
+        (["train.saes.0.kk=2"], "unknown config key 'train.saes[0].kk' (did you mean"),
+        (["train.saes=[]"], "train.saes must list at least one SAE"),
+        (["train.saes.1.k=0"], "train.saes[1].k must be positive"),
+        (["train.saes.1.resample_every=5"], "resample_every is for relu SAEs"),
+        (["train.saes.1.architecture=relu"], "two SAEs share the name 'relu-L2-x8-c2'"),
+        (["train.lr_warmup_steps=590"], "do not fit in train.steps (600)"),
+        (["train.source=npy"], "train.activations (.npy files) is required"),
         (["tokenize.eval_fraction=1.5"], "tokenize.eval_fraction must be in [0, 1)"),
         (["demo.enabled=false"], "tokenize.input is required when demo.enabled is false"),
         (["train"], "must look like key=value"),

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 from jobs.cli import main
 from sae import manifest, storage
 
-from .conftest import SMALL
+from .conftest import SMALL, SMALL_SAES
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +25,21 @@ def _manifest_times(workdir: Path) -> dict[str, float]:
     return {d: (workdir / d / "manifest.json").stat().st_mtime_ns for d in STAGE_DIRS}
 
 
-def test_pipeline_writes_a_real_report(local_run):
-    metrics = json.loads((local_run / "report" / "metrics.json").read_text())
-    assert metrics["split"].startswith("eval")
+@pytest.mark.parametrize("name", SMALL_SAES)
+def test_pipeline_writes_a_real_report(local_run, name):
+    summary = json.loads((local_run / "report" / "metrics.json").read_text())
+    assert summary["split"].startswith("eval")
+    assert set(summary["saes"]) == set(SMALL_SAES)
+    metrics = json.loads((local_run / "report" / name / "metrics.json").read_text())
+    assert metrics == {"split": summary["split"], **summary["saes"][name]}
     assert metrics["eval_tokens"] > 1000
     assert 1 < metrics["l0"] < 128
     assert metrics["fraction_variance_explained"] > 0.5
-    html = (local_run / "report" / "index.html").read_text()
+    html = (local_run / "report" / name / "index.html").read_text()
     assert html.count('class="feature"') == 40
     assert '<span class="hl">' in html
-    steering = load_file(local_run / "report" / "steering" / "vectors.safetensors")
+    assert f'href="{name}/index.html"' in (local_run / "report" / "index.html").read_text()
+    steering = load_file(local_run / "report" / name / "steering" / "vectors.safetensors")
     np.testing.assert_allclose(np.linalg.norm(steering["vectors"], axis=1), 1.0, rtol=1e-5)
     assert (steering["strengths"] > 0).all()
     model = json.loads((local_run / "model" / "manifest.json").read_text())["training"]
@@ -96,10 +101,11 @@ def test_preempted_training_resumes_to_the_same_weights(local_run, tmp_path):
     assert manifest.read(str(tmp_path / "resumed" / "sae")) is None
     assert main(["train", *resumed]) == 0
 
-    a = load_file(tmp_path / "straight" / "sae" / "sae_weights.safetensors")
-    b = load_file(tmp_path / "resumed" / "sae" / "sae_weights.safetensors")
-    for name in a:
-        np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6)
+    for sae in SMALL_SAES:
+        a = load_file(tmp_path / "straight" / "sae" / sae / "sae_weights.safetensors")
+        b = load_file(tmp_path / "resumed" / "sae" / sae / "sae_weights.safetensors")
+        for name in a:
+            np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.gcs
@@ -118,8 +124,8 @@ def test_pipeline_on_gcs(local_run, gcs_bucket_uri):
         f"tokenize.input={corpus}/*.jsonl",
     ]
     assert main(args) == 0
-    metrics = storage.read_json(storage.join(workdir, "report", "metrics.json"))
-    assert metrics["fraction_variance_explained"] > 0.5
+    metrics = storage.read_json(storage.join(workdir, "report", "metrics.json"))["saes"]
+    assert all(m["fraction_variance_explained"] > 0.5 for m in metrics.values())
     assert storage.list_files(storage.join(workdir, "sae", "checkpoints"))
     assert storage.exists(storage.join(workdir, "report", "index.html"))
     for stage in ("tokens", "sae", "report"):

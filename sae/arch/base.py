@@ -1,29 +1,63 @@
-"""What every SAE architecture provides: parameters with shardings, encode, decode, loss."""
+"""What every SAE architecture provides, and what the trainer hands to its loss.
+
+Parameters are trained by the optimizer; buffers are state an architecture keeps but does not
+differentiate (BatchTopK's inference threshold). Inference (`encode`, `decode`) takes both in
+one dict, which is also what is exported.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
+import flax.struct
 import jax
 
 Params = dict[str, jax.Array]
 
 
+@flax.struct.dataclass
+class LossContext:
+    """Per-step inputs to the loss that are not parameters or data."""
+
+    # Multiplier in [0, 1] for the sparsity penalty (its warm-up).
+    sparsity_scale: jax.Array
+    # [d_sae] latents that have not fired within the dead window (AuxK revives them).
+    dead: jax.Array
+
+
 class SparseAutoencoder(Protocol):
+    architecture: str
     d_model: int
     d_sae: int
+    # Decoder rows held at unit norm (gradient parallel to each row removed, then renormed).
+    unit_norm_decoder: bool
 
     def init_params(self, key: jax.Array, sample: jax.Array) -> Params:
         """Initial parameters; `sample` is a first batch of (normalised) activations."""
 
+    def init_buffers(self) -> Params:
+        """Initial non-trained state."""
+
     def partition_specs(self) -> dict[str, tuple[str | None, ...]]:
-        """PartitionSpec entries per parameter (latent dimensions over the model axis)."""
+        """PartitionSpec entries per parameter and buffer (latents over the model axis)."""
 
-    def encode(self, params: Params, x: jax.Array) -> jax.Array:
-        """Latent activations [tokens, d_sae]."""
+    def encode(self, weights: Params, x: jax.Array) -> jax.Array:
+        """Inference latents [tokens, d_sae]."""
 
-    def decode(self, params: Params, latents: jax.Array) -> jax.Array:
+    def decode(self, weights: Params, latents: jax.Array) -> jax.Array:
         """Reconstruction [tokens, d_model]."""
 
-    def loss(self, params: Params, x: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
-        """Training loss and its parts (mse, sparsity penalty, latents) for one batch."""
+    def loss(
+        self, params: Params, buffers: Params, x: jax.Array, ctx: LossContext
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        """Training loss and its outputs: `reconstruction`, `fire_counts` [d_sae], `l0`, and
+        the named loss parts under `parts`."""
+
+    def update_buffers(self, buffers: Params, outputs: dict[str, Any], step: jax.Array) -> Params:
+        """Buffers after one training step."""
+
+    def export_weights(self, weights: Params) -> Params:
+        """Weights in the exported (SAELens / Gemma Scope) form."""
+
+    def export_config(self) -> dict[str, Any]:
+        """Hyperparameters needed to rebuild the inference model (into cfg.json)."""

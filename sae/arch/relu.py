@@ -1,42 +1,19 @@
 """ReLU SAE with an L1 penalty weighted by decoder-row norms (Anthropic, April 2024 update).
 
-Written with Flax linen so parameters live in an ordinary pytree that shards and checkpoints
-like any other.
+The decoder is left free (its norms enter the penalty instead of being pinned to one), so
+this is the one architecture whose decoder rows are not renormalised.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sae.arch.base import Params
-from sae.sharding import MODEL
-
-
-class _ReluModule(nn.Module):
-    d_model: int
-    d_sae: int
-
-    def setup(self) -> None:
-        zeros = nn.initializers.zeros
-        self.W_enc = self.param("W_enc", zeros, (self.d_model, self.d_sae))
-        self.b_enc = self.param("b_enc", zeros, (self.d_sae,))
-        self.W_dec = self.param("W_dec", zeros, (self.d_sae, self.d_model))
-        self.b_dec = self.param("b_dec", zeros, (self.d_model,))
-
-    def encode(self, x: jax.Array) -> jax.Array:
-        return jax.nn.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-
-    def decode(self, latents: jax.Array) -> jax.Array:
-        return latents @ self.W_dec + self.b_dec
-
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        latents = self.encode(x)
-        return self.decode(latents), latents
+from sae.arch import common
+from sae.arch.base import LossContext, Params
 
 
 @dataclass(frozen=True)
@@ -44,36 +21,53 @@ class ReluSAE:
     d_model: int
     d_sae: int
     l1_coefficient: float = 5.0
+    decoder_bias_init: str = "mean"
+    matmul_dtype: str = "float32"
 
-    @property
-    def module(self) -> _ReluModule:
-        return _ReluModule(self.d_model, self.d_sae)
+    architecture: ClassVar[str] = "relu"
+    unit_norm_decoder: ClassVar[bool] = False
+
+    @classmethod
+    def from_export(cls, cfg: dict[str, Any]) -> ReluSAE:
+        return cls(d_model=cfg["d_in"], d_sae=cfg["d_sae"])
+
+    def export_config(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, "l1_coefficient": self.l1_coefficient}
+
+    def export_weights(self, weights: Params) -> Params:
+        return dict(weights)
 
     def init_params(self, key: jax.Array, sample: jax.Array) -> Params:
-        # Unit-norm random decoder rows, encoder as its transpose, decoder bias at the data
-        # mean: the common starting point that keeps early latents alive.
-        w_dec = jax.random.normal(key, (self.d_sae, self.d_model), jnp.float32)
-        w_dec = w_dec / jnp.linalg.norm(w_dec, axis=1, keepdims=True)
-        return {
-            "W_enc": w_dec.T,
-            "b_enc": jnp.zeros((self.d_sae,), jnp.float32),
-            "W_dec": w_dec,
-            "b_dec": jnp.mean(sample, axis=0).astype(jnp.float32),
-        }
+        return common.init_weights(key, sample, self.d_sae, self.decoder_bias_init)
+
+    def init_buffers(self) -> Params:
+        return {}
 
     def partition_specs(self) -> dict[str, tuple[str | None, ...]]:
-        return {"W_enc": (None, MODEL), "b_enc": (MODEL,), "W_dec": (MODEL, None), "b_dec": ()}
+        return dict(common.STANDARD_SPECS)
 
-    def encode(self, params: Params, x: jax.Array) -> jax.Array:
-        return self.module.apply({"params": params}, x, method=_ReluModule.encode)
+    def encode(self, weights: Params, x: jax.Array) -> jax.Array:
+        return jax.nn.relu(common.pre_activations(weights, x, self.matmul_dtype))
 
-    def decode(self, params: Params, latents: jax.Array) -> jax.Array:
-        return self.module.apply({"params": params}, latents, method=_ReluModule.decode)
+    def decode(self, weights: Params, latents: jax.Array) -> jax.Array:
+        return common.dense_decode(weights, latents, self.matmul_dtype)
 
-    def loss(self, params: Params, x: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
-        reconstruction, latents = self.module.apply({"params": params}, x)
-        mse = jnp.mean(jnp.sum((reconstruction - x) ** 2, axis=-1))
+    def loss(
+        self, params: Params, buffers: Params, x: jax.Array, ctx: LossContext
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        latents = self.encode(params, x)
+        reconstruction = self.decode(params, latents)
+        mse = common.squared_error(x, reconstruction)
         decoder_norms = jnp.linalg.norm(params["W_dec"], axis=1)
         l1 = jnp.mean(jnp.sum(latents * decoder_norms, axis=-1))
-        loss = mse + self.l1_coefficient * l1
-        return loss, {"mse": mse, "l1": l1, "latents": latents, "reconstruction": reconstruction}
+        loss = mse + self.l1_coefficient * ctx.sparsity_scale * l1
+        active = latents > 0
+        return loss, {
+            "reconstruction": reconstruction,
+            "fire_counts": jnp.sum(active, axis=0, dtype=jnp.float32),
+            "l0": jnp.mean(jnp.sum(active, axis=-1)),
+            "parts": {"mse": mse, "l1": l1},
+        }
+
+    def update_buffers(self, buffers: Params, outputs: dict[str, Any], step: jax.Array) -> Params:
+        return buffers

@@ -1,0 +1,88 @@
+"""BatchTopK SAE (Bussmann et al. 2024): keep the k*batch largest activations of the whole
+batch, so tokens share a sparsity budget instead of each getting exactly k.
+
+At inference there is no batch: a latent fires when its pre-activation exceeds a threshold,
+estimated during training as the running average of the batch cut-off. Exported that way, the
+SAE is a JumpReLU with one shared threshold, and loads as one elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from sae.arch import common, sparse_ops
+from sae.arch.auxk import auxk_loss
+from sae.arch.base import LossContext, Params
+
+# Weight of the newest batch cut-off in the running threshold estimate.
+THRESHOLD_MOMENTUM = 0.01
+
+
+@dataclass(frozen=True)
+class BatchTopKSAE:
+    d_model: int
+    d_sae: int
+    k: int = 32
+    k_aux: int = 0
+    auxk_coefficient: float = 1 / 32
+    decoder_bias_init: str = "mean"
+    matmul_dtype: str = "float32"
+
+    architecture: ClassVar[str] = "batchtopk"
+    unit_norm_decoder: ClassVar[bool] = True
+
+    def export_config(self) -> dict[str, Any]:
+        return {"architecture": "jumprelu", "trained_as": self.architecture, "k": self.k}
+
+    def export_weights(self, weights: Params) -> Params:
+        exported = {k: v for k, v in weights.items() if k != "threshold"}
+        exported["threshold"] = jnp.full((self.d_sae,), weights["threshold"], jnp.float32)
+        return exported
+
+    @property
+    def aux_k(self) -> int:
+        return min(self.k_aux or self.d_model // 2, self.d_sae)
+
+    def init_params(self, key: jax.Array, sample: jax.Array) -> Params:
+        return common.init_weights(key, sample, self.d_sae, self.decoder_bias_init)
+
+    def init_buffers(self) -> Params:
+        return {"threshold": jnp.zeros((), jnp.float32)}
+
+    def partition_specs(self) -> dict[str, tuple[str | None, ...]]:
+        return {**common.STANDARD_SPECS, "threshold": ()}
+
+    def encode(self, weights: Params, x: jax.Array) -> jax.Array:
+        pre = common.pre_activations(weights, x, self.matmul_dtype)
+        return jnp.where(pre > weights["threshold"], pre, 0.0)
+
+    def decode(self, weights: Params, latents: jax.Array) -> jax.Array:
+        return common.dense_decode(weights, latents, self.matmul_dtype)
+
+    def loss(
+        self, params: Params, buffers: Params, x: jax.Array, ctx: LossContext
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        pre = common.pre_activations(params, x, self.matmul_dtype)
+        positive = jax.nn.relu(pre)
+        cutoff = jax.lax.stop_gradient(sparse_ops.kth_largest(positive, self.k * x.shape[0]))
+        active = (positive >= cutoff) & (positive > 0)
+        latents = jnp.where(active, positive, 0.0)
+        reconstruction = self.decode(params, latents)
+        mse = common.squared_error(x, reconstruction)
+        auxk = auxk_loss(params, x, reconstruction, pre, ctx.dead, self.aux_k, self.matmul_dtype)
+        return mse + self.auxk_coefficient * auxk, {
+            "reconstruction": reconstruction,
+            "fire_counts": jnp.sum(active, axis=0, dtype=jnp.float32),
+            "l0": jnp.mean(jnp.sum(active, axis=-1)),
+            "cutoff": cutoff,
+            "parts": {"mse": mse, "auxk": auxk},
+        }
+
+    def update_buffers(self, buffers: Params, outputs: dict[str, Any], step: jax.Array) -> Params:
+        cutoff = outputs["cutoff"]
+        running = buffers["threshold"] + THRESHOLD_MOMENTUM * (cutoff - buffers["threshold"])
+        return {"threshold": jnp.where(step == 0, cutoff, running)}

@@ -1,0 +1,135 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024; Gemma Scope): a latent passes its pre-activation
+through only above a learned per-latent threshold, and the penalty is L0 itself.
+
+Neither the jump nor L0 has a useful gradient for the threshold, so both use straight-through
+estimators with a rectangle kernel of width `bandwidth` around the threshold. The threshold is
+learned as a log in float32 whatever the matmul dtype. `bandwidth` and the initial threshold
+are in the units of inputs normalised to mean norm sqrt(d_model): Gemma Scope's 0.001 on
+unit mean-squared-norm inputs is ~0.05 here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from sae.arch import common
+from sae.arch.base import LossContext, Params
+from sae.sharding import MODEL
+
+
+def _window(pre: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
+    """Rectangle kernel K((pre - threshold) / bandwidth) / bandwidth."""
+    return (jnp.abs(pre - threshold) < bandwidth / 2).astype(pre.dtype) / bandwidth
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jump_relu(pre: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
+    return jnp.where(pre > threshold, pre, 0.0)
+
+
+def _jump_relu_fwd(pre, threshold, bandwidth):
+    return jump_relu(pre, threshold, bandwidth), (pre, threshold)
+
+
+def _jump_relu_bwd(bandwidth, residuals, grad):
+    pre, threshold = residuals
+    grad_pre = jnp.where(pre > threshold, grad, 0.0)
+    grad_threshold = -jnp.sum(grad * threshold * _window(pre, threshold, bandwidth), axis=0)
+    return grad_pre, grad_threshold
+
+
+jump_relu.defvjp(_jump_relu_fwd, _jump_relu_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step_function(pre: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
+    return (pre > threshold).astype(pre.dtype)
+
+
+def _step_fwd(pre, threshold, bandwidth):
+    return step_function(pre, threshold, bandwidth), (pre, threshold)
+
+
+def _step_bwd(bandwidth, residuals, grad):
+    pre, threshold = residuals
+    grad_threshold = -jnp.sum(grad * _window(pre, threshold, bandwidth), axis=0)
+    return jnp.zeros_like(pre), grad_threshold
+
+
+step_function.defvjp(_step_fwd, _step_bwd)
+
+
+@dataclass(frozen=True)
+class JumpReluSAE:
+    d_model: int
+    d_sae: int
+    l0_coefficient: float = 1.0
+    bandwidth: float = 0.05
+    init_threshold: float = 0.05
+    decoder_bias_init: str = "mean"
+    matmul_dtype: str = "float32"
+
+    architecture: ClassVar[str] = "jumprelu"
+    unit_norm_decoder: ClassVar[bool] = True
+
+    @classmethod
+    def from_export(cls, cfg: dict[str, Any]) -> JumpReluSAE:
+        return cls(d_model=cfg["d_in"], d_sae=cfg["d_sae"])
+
+    def export_config(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, "l0_coefficient": self.l0_coefficient}
+
+    def export_weights(self, weights: Params) -> Params:
+        exported = {k: v for k, v in weights.items() if k != "log_threshold"}
+        exported["threshold"] = self.thresholds(weights)
+        return exported
+
+    def init_params(self, key: jax.Array, sample: jax.Array) -> Params:
+        params = common.init_weights(key, sample, self.d_sae, self.decoder_bias_init)
+        log_threshold = jnp.log(jnp.float32(self.init_threshold))
+        params["log_threshold"] = jnp.full((self.d_sae,), log_threshold, jnp.float32)
+        return params
+
+    def init_buffers(self) -> Params:
+        return {}
+
+    def partition_specs(self) -> dict[str, tuple[str | None, ...]]:
+        return {**common.STANDARD_SPECS, "log_threshold": (MODEL,), "threshold": (MODEL,)}
+
+    @staticmethod
+    def thresholds(weights: Params) -> jax.Array:
+        if "threshold" in weights:  # exported form
+            return weights["threshold"]
+        return jnp.exp(weights["log_threshold"])
+
+    def encode(self, weights: Params, x: jax.Array) -> jax.Array:
+        pre = common.pre_activations(weights, x, self.matmul_dtype)
+        return jnp.where(pre > self.thresholds(weights), pre, 0.0)
+
+    def decode(self, weights: Params, latents: jax.Array) -> jax.Array:
+        return common.dense_decode(weights, latents, self.matmul_dtype)
+
+    def loss(
+        self, params: Params, buffers: Params, x: jax.Array, ctx: LossContext
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        pre = common.pre_activations(params, x, self.matmul_dtype)
+        threshold = jnp.exp(params["log_threshold"])
+        latents = jump_relu(pre, threshold, self.bandwidth)
+        reconstruction = self.decode(params, latents)
+        mse = common.squared_error(x, reconstruction)
+        l0 = jnp.mean(jnp.sum(step_function(pre, threshold, self.bandwidth), axis=-1))
+        active = latents != 0
+        return mse + self.l0_coefficient * ctx.sparsity_scale * l0, {
+            "reconstruction": reconstruction,
+            "fire_counts": jnp.sum(active, axis=0, dtype=jnp.float32),
+            "l0": jnp.mean(jnp.sum(active, axis=-1)),
+            "parts": {"mse": mse, "l0_penalty": l0},
+        }
+
+    def update_buffers(self, buffers: Params, outputs: dict[str, Any], step: jax.Array) -> Params:
+        return buffers

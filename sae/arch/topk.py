@@ -1,0 +1,87 @@
+"""TopK SAE (Gao et al. 2024): keep each token's k largest pre-activations, plus AuxK.
+
+Selection is exact under model-axis sharding (`sparse_ops.top_k`), and the decoder reads only
+the k selected rows per token, so decoding and the decoder's backward pass scale with k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from sae.arch import common, sparse_ops
+from sae.arch.auxk import auxk_loss
+from sae.arch.base import LossContext, Params
+
+
+@dataclass(frozen=True)
+class TopKSAE:
+    d_model: int
+    d_sae: int
+    k: int = 32
+    # 0 picks d_model / 2, the paper's choice.
+    k_aux: int = 0
+    auxk_coefficient: float = 1 / 32
+    decoder_bias_init: str = "mean"
+    matmul_dtype: str = "float32"
+
+    architecture: ClassVar[str] = "topk"
+    unit_norm_decoder: ClassVar[bool] = True
+
+    @classmethod
+    def from_export(cls, cfg: dict[str, Any]) -> TopKSAE:
+        return cls(d_model=cfg["d_in"], d_sae=cfg["d_sae"], k=cfg["k"])
+
+    def export_config(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, "k": self.k}
+
+    @property
+    def aux_k(self) -> int:
+        return min(self.k_aux or self.d_model // 2, self.d_sae)
+
+    def export_weights(self, weights: Params) -> Params:
+        return dict(weights)
+
+    def init_params(self, key: jax.Array, sample: jax.Array) -> Params:
+        return common.init_weights(key, sample, self.d_sae, self.decoder_bias_init)
+
+    def init_buffers(self) -> Params:
+        return {}
+
+    def partition_specs(self) -> dict[str, tuple[str | None, ...]]:
+        return dict(common.STANDARD_SPECS)
+
+    def select(self, weights: Params, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(pre-activations, relu'd top-k values, their latent indices)."""
+        pre = common.pre_activations(weights, x, self.matmul_dtype)
+        values, indices = sparse_ops.top_k(pre, self.k)
+        return pre, jax.nn.relu(values), indices
+
+    def encode(self, weights: Params, x: jax.Array) -> jax.Array:
+        _, values, indices = self.select(weights, x)
+        return sparse_ops.dense_from_sparse(values, indices, self.d_sae)
+
+    def decode(self, weights: Params, latents: jax.Array) -> jax.Array:
+        return common.dense_decode(weights, latents, self.matmul_dtype)
+
+    def loss(
+        self, params: Params, buffers: Params, x: jax.Array, ctx: LossContext
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        pre, values, indices = self.select(params, x)
+        w_dec = params["W_dec"].astype(self.matmul_dtype)
+        reconstruction = sparse_ops.sparse_decode(values, indices, w_dec) + params["b_dec"]
+        mse = common.squared_error(x, reconstruction)
+        auxk = auxk_loss(params, x, reconstruction, pre, ctx.dead, self.aux_k, self.matmul_dtype)
+        active = values > 0
+        return mse + self.auxk_coefficient * auxk, {
+            "reconstruction": reconstruction,
+            "fire_counts": sparse_ops.fire_counts(indices, active, self.d_sae),
+            "l0": jnp.mean(jnp.sum(active, axis=-1)),
+            "parts": {"mse": mse, "auxk": auxk},
+        }
+
+    def update_buffers(self, buffers: Params, outputs: dict[str, Any], step: jax.Array) -> Params:
+        return buffers

@@ -1,0 +1,51 @@
+"""The train stage on users' own activation caches (.npy), end to end through the CLI."""
+
+import json
+
+import numpy as np
+
+from jobs.cli import main
+
+from .test_training import _data
+
+
+def _args(tmp_path, *extra):
+    return [
+        "train",
+        f"workdir={tmp_path / 'run'}",
+        "train.source=npy",
+        f"train.activations={tmp_path / 'acts'}/*.npy",
+        "train.saes=[{architecture: topk, k: 8, expansion_factor: 4}, {architecture: jumprelu}]",
+        "train.steps=30",
+        "train.batch_size=128",
+        "train.shuffle_buffer=128",
+        "train.lr_warmup_steps=5",
+        "train.checkpoint_every=10",
+        "train.log_every=10",
+        *extra,
+    ]
+
+
+def test_training_from_npy_files(tmp_path):
+    (tmp_path / "acts").mkdir()
+    for index in range(2):
+        np.save(tmp_path / "acts" / f"part-{index}.npy", _data(700, seed=index) * 7.0)
+    assert main(_args(tmp_path)) == 0
+    run = tmp_path / "run" / "sae"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert set(manifest["saes"]) == {"topk-L2-x4-k8", "jumprelu-L2-x8-c2"}
+    cfg = json.loads((run / "topk-L2-x4-k8" / "cfg.json").read_text())
+    assert cfg["activation_source"] == "npy" and cfg["d_in"] == 16 and cfg["d_sae"] == 64
+    assert cfg["input_scale_folded"] < 1  # the rows were scaled up 7x
+    assert manifest["counts"]["final_topk-L2-x4-k8/l0"] == 8
+    assert (run / "jumprelu-L2-x8-c2" / "sae_weights.safetensors").exists()
+
+
+def test_k_wider_than_the_dictionary_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "acts").mkdir()
+    np.save(tmp_path / "acts" / "a.npy", _data(300))
+    code = main(_args(tmp_path, "train.saes.0.k=100"))
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert message == "error: train.saes[0].k=100 is larger than the SAE's width 64"
+    assert not (tmp_path / "run" / "sae").exists()

@@ -40,17 +40,19 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     run_stage("report", config.report_uri, dataclasses.asdict(cfg), inputs, body, force)
 
 
-def _load_saes(config: PipelineConfig, train_manifest: dict) -> dict[str, tuple]:
-    """Every SAE the train stage exported, checked against the model it will be run on."""
+def _load_saes(config: PipelineConfig, train_manifest: dict) -> tuple[dict[str, tuple], str]:
+    """Every SAE the train stage exported and the one model they read, checked against it."""
     names = list(train_manifest.get("saes", {}))
     if not names:
         raise InputError(f"the train manifest at {config.sae_uri} lists no SAEs")
-    loaded = {}
-    for name in names:
-        sae, params, sae_cfg = sae_io.load(storage.join(config.sae_uri, name))
-        preset = sae_cfg["model_preset"]
-        lm.check_layers(preset, [sae_cfg["layer"]])
-        hidden = int(lm.backbone_config(preset)["hidden_dim"])
+    loaded = {name: sae_io.load(storage.join(config.sae_uri, name)) for name in names}
+    presets = {sae_cfg["model_preset"] for _, _, sae_cfg in loaded.values()}
+    if len(presets) > 1:
+        raise InputError(f"the SAEs of {config.sae_uri} were trained on different models")
+    preset = presets.pop()
+    lm.check_layers(preset, [sae_cfg["layer"] for _, _, sae_cfg in loaded.values()])
+    hidden = int(lm.backbone_config(preset)["hidden_dim"])
+    for name, (sae, _, sae_cfg) in loaded.items():
         if hidden != sae_cfg["d_in"]:
             raise InputError(
                 f"the SAE {name} reads d_model={sae_cfg['d_in']} but the "
@@ -62,17 +64,12 @@ def _load_saes(config: PipelineConfig, train_manifest: dict) -> dict[str, tuple]
                 f"report.steering_features: feature {out_of_range[0]} is out of range "
                 f"(the SAE {name} has {sae.d_sae} features)"
             )
-        loaded[name] = (sae, params, sae_cfg)
-    return loaded
+    return loaded, preset
 
 
 def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str]) -> StageOutput:
     cfg, output = config.report, config.report_uri
-    saes = _load_saes(config, require_manifest(config.sae_uri, "train"))
-    presets = {sae_cfg["model_preset"] for _, _, sae_cfg in saes.values()}
-    if len(presets) > 1:
-        raise InputError(f"the SAEs of {config.sae_uri} were trained on different models")
-    preset = presets.pop()
+    saes, preset = _load_saes(config, require_manifest(config.sae_uri, "train"))
     layers = sorted({sae_cfg["layer"] for _, _, sae_cfg in saes.values()})
     mesh = sharding.make_mesh(config.train.mesh_data, 1)
     tap = lm.ActivationTap(lm.load_backbone(preset, config.model.dtype), layers, mesh)

@@ -37,7 +37,8 @@ _OBSERVATIONAL_KEYS = ("log_every", "checkpoint_every")
 
 @dataclasses.dataclass
 class Source:
-    """Where rows come from: d_model, fingerprint inputs, and a batch iterator factory."""
+    """Where rows come from: their d_model, the inputs that fingerprint them, and either the
+    tokenize manifest (streaming through the model) or the .npy rows."""
 
     d_model: int
     inputs: dict[str, str]
@@ -80,7 +81,7 @@ def _resume_step(checkpoints: Checkpointer, resume_key: str) -> int | None:
 def _open_source(config: PipelineConfig) -> Source:
     cfg = config.train
     if cfg.source == "npy":
-        rows = activation_files.NpyRows(activation_files.expand_uris(cfg.activations))
+        rows = activation_files.NpyRows(activation_files.find_activation_files(cfg.activations))
         fingerprints = "".join(storage.fingerprint(uri) for uri in rows.uris)
         return Source(rows.dim, {"activations": manifest.digest(fingerprints)}, None, rows)
     tokens_manifest = require_manifest(config.tokens_uri, "tokenize")

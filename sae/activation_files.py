@@ -19,18 +19,13 @@ _ROUNDS = 4
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def expand_uris(spec: str) -> list[str]:
-    """Files named by a comma-separated list of URIs or globs, in order, each at most once."""
-    found: list[str] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        matches = storage.glob(part) if any(c in part for c in "*?[") else [part]
-        matches = [m for m in matches if storage.exists(m)]
-        if not matches:
-            raise InputError(f"no activation files match {part}")
-        found.extend(m for m in matches if m not in found)
-    return found
+def find_activation_files(spec: str) -> list[str]:
+    """The .npy files named by a URI, glob, directory or comma-separated list; error when
+    none."""
+    files = storage.match_files(spec)
+    if not files:
+        raise InputError(f"no activation files match {spec}")
+    return files
 
 
 class NpyRows:

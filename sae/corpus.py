@@ -29,27 +29,12 @@ class Record:
 
 
 def find_corpus_files(pattern: str) -> list[str]:
-    """Every file matched by a URI, glob, or comma-separated list of them; error when none."""
-    files: list[str] = []
-    for part in (p.strip() for p in pattern.split(",")):
-        if not part:
-            continue
-        matches = storage.glob(part) if any(c in part for c in "*?[") else _single(part)
-        files.extend(matches)
+    """Every file matched by a URI, glob, directory, or comma-separated list of them; error
+    when none."""
+    files = storage.match_files(pattern)
     if not files:
         raise InputError(f"no corpus files match '{pattern}'")
-    return sorted(dict.fromkeys(files))
-
-
-def _single(uri: str) -> list[str]:
-    if storage.is_dir(uri):
-        return [f for f in storage.list_files(uri) if not _is_bookkeeping(storage.basename(f))]
-    return [uri] if storage.exists(uri) else []
-
-
-def _is_bookkeeping(name: str) -> bool:
-    # A directory given as corpus may hold a stage manifest or markers like _SUCCESS.
-    return name == "manifest.json" or name.startswith(("_", "."))
+    return files
 
 
 def read_records(uri: str, fmt: str, text_field: str = "text") -> Iterator[Record]:

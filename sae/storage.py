@@ -599,6 +599,28 @@ def glob(pattern: str) -> list[str]:
     return sorted(scheme + p for p in found if regex.match(p))
 
 
+def match_files(spec: str) -> list[str]:
+    """Files named by a URI, glob or directory, or a comma-separated list of them: sorted,
+    each once, possibly none. A directory gives its files less stage bookkeeping (a
+    manifest.json, markers like _SUCCESS, hidden files)."""
+    files: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        files.extend(glob(part) if _WILDCARD.search(part) else _files_at(part))
+    return sorted(dict.fromkeys(files))
+
+
+def _files_at(uri: str) -> list[str]:
+    if is_dir(uri):
+        return [f for f in list_files(uri) if not _is_bookkeeping(basename(f))]
+    return [uri] if exists(uri) else []
+
+
+def _is_bookkeeping(name: str) -> bool:
+    return name == "manifest.json" or name.startswith(("_", "."))
+
+
 def _glob_gcs(pattern: str) -> list[str]:
     bucket, key = _split(pattern)
     match = _WILDCARD.search(key)

@@ -149,7 +149,7 @@ class Trainer:
     def _state_shardings(self) -> dict[str, TrainState]:
         shardings = {}
         for name, abstract in self._abstract_unsharded().items():
-            specs = {**self.members[name].sae.partition_specs()}
+            specs = self.members[name].sae.partition_specs()
             shardings[name] = jax.tree_util.tree_map_with_path(
                 lambda path, leaf, s=specs: sharding.named(self.mesh, *_leaf_spec(path, leaf, s)),
                 abstract,

@@ -34,7 +34,7 @@ def test_rows_span_files_and_resume_anywhere(tmp_path):
     data = np.arange(50 * 4, dtype=np.float32).reshape(50, 4)
     np.save(tmp_path / "a.npy", data[:20])
     np.save(tmp_path / "b.npy", data[20:])
-    uris = activation_files.expand_uris(str(tmp_path / "*.npy"))
+    uris = activation_files.find_activation_files(str(tmp_path / "*.npy"))
     source = activation_files.NpyRows(uris)
     assert (source.num_rows, source.dim) == (50, 4)
     straight = activation_files.random_batches(source, 8, seed=1)
@@ -63,4 +63,4 @@ def test_bad_activation_files(tmp_path):
     with pytest.raises(InputError, match="disagree on d_model"):
         activation_files.NpyRows([str(tmp_path / "ok.npy"), str(tmp_path / "wide.npy")])
     with pytest.raises(InputError, match="no activation files match"):
-        activation_files.expand_uris(str(tmp_path / "missing-*.npy"))
+        activation_files.find_activation_files(str(tmp_path / "missing-*.npy"))

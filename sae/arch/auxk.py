@@ -15,6 +15,11 @@ from sae.arch import common, sparse_ops
 from sae.arch.base import Params
 
 
+def aux_latents(k_aux: int, d_model: int, d_sae: int) -> int:
+    """Latents per token AuxK uses: `k_aux`, or d_model / 2 (the paper's choice) when 0."""
+    return min(k_aux or d_model // 2, d_sae)
+
+
 def auxk_loss(
     params: Params,
     x: jax.Array,

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sae.arch import common, sparse_ops
-from sae.arch.auxk import auxk_loss
+from sae.arch.auxk import aux_latents, auxk_loss
 from sae.arch.base import LossContext, Params
 
 # Weight of the newest batch cut-off in the running threshold estimate.
@@ -23,7 +23,7 @@ THRESHOLD_MOMENTUM = 0.01
 
 
 @dataclass(frozen=True)
-class BatchTopKSAE:
+class BatchTopKSAE(common.StandardDictionary):
     d_model: int
     d_sae: int
     k: int = 32
@@ -43,13 +43,6 @@ class BatchTopKSAE:
         exported["threshold"] = jnp.full((self.d_sae,), weights["threshold"], jnp.float32)
         return exported
 
-    @property
-    def aux_k(self) -> int:
-        return min(self.k_aux or self.d_model // 2, self.d_sae)
-
-    def init_params(self, key: jax.Array, sample: jax.Array) -> Params:
-        return common.init_weights(key, sample, self.d_sae, self.decoder_bias_init)
-
     def init_buffers(self) -> Params:
         return {"threshold": jnp.zeros((), jnp.float32)}
 
@@ -59,9 +52,6 @@ class BatchTopKSAE:
     def encode(self, weights: Params, x: jax.Array) -> jax.Array:
         pre = common.pre_activations(weights, x, self.matmul_dtype)
         return jnp.where(pre > weights["threshold"], pre, 0.0)
-
-    def decode(self, weights: Params, latents: jax.Array) -> jax.Array:
-        return common.dense_decode(weights, latents, self.matmul_dtype)
 
     def loss(
         self, params: Params, buffers: Params, x: jax.Array, ctx: LossContext
@@ -73,14 +63,10 @@ class BatchTopKSAE:
         latents = jnp.where(active, positive, 0.0)
         reconstruction = self.decode(params, latents)
         mse = common.squared_error(x, reconstruction)
-        auxk = auxk_loss(params, x, reconstruction, pre, ctx.dead, self.aux_k, self.matmul_dtype)
-        return mse + self.auxk_coefficient * auxk, {
-            "reconstruction": reconstruction,
-            "fire_counts": jnp.sum(active, axis=0, dtype=jnp.float32),
-            "l0": jnp.mean(jnp.sum(active, axis=-1)),
-            "cutoff": cutoff,
-            "parts": {"mse": mse, "auxk": auxk},
-        }
+        k_aux = aux_latents(self.k_aux, self.d_model, self.d_sae)
+        auxk = auxk_loss(params, x, reconstruction, pre, ctx.dead, k_aux, self.matmul_dtype)
+        outputs = common.dense_outputs(reconstruction, active, {"mse": mse, "auxk": auxk})
+        return mse + self.auxk_coefficient * auxk, {**outputs, "cutoff": cutoff}
 
     def update_buffers(self, buffers: Params, outputs: dict[str, Any], step: jax.Array) -> Params:
         cutoff = outputs["cutoff"]

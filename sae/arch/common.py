@@ -18,6 +18,47 @@ STANDARD_SPECS: dict[str, tuple[str | None, ...]] = {
 }
 
 
+class StandardDictionary:
+    """What most architectures share: encoder, decoder and their biases, sharded by
+    STANDARD_SPECS; no buffers; a dense decoder; exported as trained. Dataclass subclasses
+    define the fields used here (d_model, d_sae, decoder_bias_init, matmul_dtype) and override
+    what differs."""
+
+    @classmethod
+    def from_export(cls, cfg: dict[str, Any]) -> Any:
+        return cls(d_model=cfg["d_in"], d_sae=cfg["d_sae"])
+
+    def export_weights(self, weights: Params) -> Params:
+        return dict(weights)
+
+    def init_params(self, key: jax.Array, sample: jax.Array) -> Params:
+        return init_weights(key, sample, self.d_sae, self.decoder_bias_init)
+
+    def init_buffers(self) -> Params:
+        return {}
+
+    def partition_specs(self) -> dict[str, tuple[str | None, ...]]:
+        return dict(STANDARD_SPECS)
+
+    def decode(self, weights: Params, latents: jax.Array) -> jax.Array:
+        return dense_decode(weights, latents, self.matmul_dtype)
+
+    def update_buffers(self, buffers: Params, outputs: dict[str, Any], step: jax.Array) -> Params:
+        return buffers
+
+
+def dense_outputs(
+    reconstruction: jax.Array, active: jax.Array, parts: dict[str, jax.Array]
+) -> dict[str, Any]:
+    """A loss's outputs when the active latents are a dense [tokens, d_sae] mask."""
+    return {
+        "reconstruction": reconstruction,
+        "fire_counts": jnp.sum(active, axis=0, dtype=jnp.float32),
+        "l0": jnp.mean(jnp.sum(active, axis=-1)),
+        "parts": parts,
+    }
+
+
 def geometric_median(points: jax.Array, iterations: int = 30) -> jax.Array:
     """Weiszfeld's algorithm: the point minimising the summed distance to `points`; more robust
     to outlier activations than the mean as a starting decoder bias."""

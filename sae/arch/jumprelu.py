@@ -65,7 +65,7 @@ step_function.defvjp(_step_fwd, _step_bwd)
 
 
 @dataclass(frozen=True)
-class JumpReluSAE:
+class JumpReluSAE(common.StandardDictionary):
     d_model: int
     d_sae: int
     l0_coefficient: float = 1.0
@@ -76,10 +76,6 @@ class JumpReluSAE:
 
     architecture: ClassVar[str] = "jumprelu"
     unit_norm_decoder: ClassVar[bool] = True
-
-    @classmethod
-    def from_export(cls, cfg: dict[str, Any]) -> JumpReluSAE:
-        return cls(d_model=cfg["d_in"], d_sae=cfg["d_sae"])
 
     def export_config(self) -> dict[str, Any]:
         return {"architecture": self.architecture, "l0_coefficient": self.l0_coefficient}
@@ -95,9 +91,6 @@ class JumpReluSAE:
         params["log_threshold"] = jnp.full((self.d_sae,), log_threshold, jnp.float32)
         return params
 
-    def init_buffers(self) -> Params:
-        return {}
-
     def partition_specs(self) -> dict[str, tuple[str | None, ...]]:
         return {**common.STANDARD_SPECS, "log_threshold": (MODEL,), "threshold": (MODEL,)}
 
@@ -111,9 +104,6 @@ class JumpReluSAE:
         pre = common.pre_activations(weights, x, self.matmul_dtype)
         return jnp.where(pre > self.thresholds(weights), pre, 0.0)
 
-    def decode(self, weights: Params, latents: jax.Array) -> jax.Array:
-        return common.dense_decode(weights, latents, self.matmul_dtype)
-
     def loss(
         self, params: Params, buffers: Params, x: jax.Array, ctx: LossContext
     ) -> tuple[jax.Array, dict[str, Any]]:
@@ -123,13 +113,6 @@ class JumpReluSAE:
         reconstruction = self.decode(params, latents)
         mse = common.squared_error(x, reconstruction)
         l0 = jnp.mean(jnp.sum(step_function(pre, threshold, self.bandwidth), axis=-1))
-        active = latents != 0
-        return mse + self.l0_coefficient * ctx.sparsity_scale * l0, {
-            "reconstruction": reconstruction,
-            "fire_counts": jnp.sum(active, axis=0, dtype=jnp.float32),
-            "l0": jnp.mean(jnp.sum(active, axis=-1)),
-            "parts": {"mse": mse, "l0_penalty": l0},
-        }
-
-    def update_buffers(self, buffers: Params, outputs: dict[str, Any], step: jax.Array) -> Params:
-        return buffers
+        parts = {"mse": mse, "l0_penalty": l0}
+        loss = mse + self.l0_coefficient * ctx.sparsity_scale * l0
+        return loss, common.dense_outputs(reconstruction, latents != 0, parts)

@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from sae.arch import common, sparse_ops
-from sae.arch.auxk import auxk_loss
+from sae.arch.auxk import aux_latents, auxk_loss
 from sae.arch.base import LossContext, Params
 
 
 @dataclass(frozen=True)
-class TopKSAE:
+class TopKSAE(common.StandardDictionary):
     d_model: int
     d_sae: int
     k: int = 32
@@ -38,22 +38,6 @@ class TopKSAE:
     def export_config(self) -> dict[str, Any]:
         return {"architecture": self.architecture, "k": self.k}
 
-    @property
-    def aux_k(self) -> int:
-        return min(self.k_aux or self.d_model // 2, self.d_sae)
-
-    def export_weights(self, weights: Params) -> Params:
-        return dict(weights)
-
-    def init_params(self, key: jax.Array, sample: jax.Array) -> Params:
-        return common.init_weights(key, sample, self.d_sae, self.decoder_bias_init)
-
-    def init_buffers(self) -> Params:
-        return {}
-
-    def partition_specs(self) -> dict[str, tuple[str | None, ...]]:
-        return dict(common.STANDARD_SPECS)
-
     def select(self, weights: Params, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(pre-activations, relu'd top-k values, their latent indices)."""
         pre = common.pre_activations(weights, x, self.matmul_dtype)
@@ -64,9 +48,6 @@ class TopKSAE:
         _, values, indices = self.select(weights, x)
         return sparse_ops.dense_from_sparse(values, indices, self.d_sae)
 
-    def decode(self, weights: Params, latents: jax.Array) -> jax.Array:
-        return common.dense_decode(weights, latents, self.matmul_dtype)
-
     def loss(
         self, params: Params, buffers: Params, x: jax.Array, ctx: LossContext
     ) -> tuple[jax.Array, dict[str, Any]]:
@@ -74,7 +55,8 @@ class TopKSAE:
         w_dec = params["W_dec"].astype(self.matmul_dtype)
         reconstruction = sparse_ops.sparse_decode(values, indices, w_dec) + params["b_dec"]
         mse = common.squared_error(x, reconstruction)
-        auxk = auxk_loss(params, x, reconstruction, pre, ctx.dead, self.aux_k, self.matmul_dtype)
+        k_aux = aux_latents(self.k_aux, self.d_model, self.d_sae)
+        auxk = auxk_loss(params, x, reconstruction, pre, ctx.dead, k_aux, self.matmul_dtype)
         active = values > 0
         return mse + self.auxk_coefficient * auxk, {
             "reconstruction": reconstruction,
@@ -82,6 +64,3 @@ class TopKSAE:
             "l0": jnp.mean(jnp.sum(active, axis=-1)),
             "parts": {"mse": mse, "auxk": auxk},
         }
-
-    def update_buffers(self, buffers: Params, outputs: dict[str, Any], step: jax.Array) -> Params:
-        return buffers

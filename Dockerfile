@@ -2,6 +2,7 @@
 #
 #   docker build --target cpu -t gemma-sae:cpu .   # XLA on CPU: local runs, smoke tests
 #   docker build --target tpu -t gemma-sae:tpu .   # Cloud TPU v5e VMs (jax[tpu] + libtpu)
+#   docker build --target dataflow -t gemma-sae:dataflow .  # Dataflow workers (tokenize)
 #
 #   docker run --rm gemma-sae:cpu pipeline workdir=/app/runs/demo
 #   docker run --rm --privileged --net=host gemma-sae:tpu train --config configs/... workdir=gs://...
@@ -68,3 +69,19 @@ RUN pip install --no-cache-dir --no-deps . \
     && install -d -o sae -g sae /app/runs
 
 USER 10001:10001
+
+
+# ---- dataflow: worker image for the tokenize stage on Dataflow (tokenize.runner=dataflow) ----
+# The Beam SDK image at the locked apache-beam version keeps its worker boot entrypoint; the
+# locked dependencies and the package go on top, so workers unpickle the same `sae` DoFns
+# with the same library versions as the launcher.
+FROM apache/beam_python3.11_sdk:2.77.0 AS dataflow
+
+WORKDIR /app
+COPY pyproject.toml requirements-lock.txt ./
+RUN pip install --no-cache-dir -r requirements-lock.txt
+
+COPY sae/ ./sae/
+COPY jobs/ ./jobs/
+RUN pip install --no-cache-dir --no-deps . \
+    && rm -rf build ./*.egg-info

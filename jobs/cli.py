@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-STAGES = ("demo", "tokenize", "train", "report", "pipeline")
+STAGES = ("demo", "tokenize", "extract", "train", "report", "pipeline")
 
 
 def _prepare_environment() -> None:
@@ -48,11 +48,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _prepare_environment()
-    from jobs.common import PREEMPTED_EXIT_CODE, Preempted
+    from jobs.common import PREEMPTED_EXIT_CODE, Preempted, init_distributed
     from sae.config import load
     from sae.errors import SaeError
 
     try:
+        init_distributed()
         config = load(args.config, args.overrides)
         _dispatch(args.stage, config, args.force)
     except SaeError as error:

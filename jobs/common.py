@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,26 @@ class StageOutput:
     counts: dict[str, Any]
     outputs: list[str]
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def init_distributed() -> None:
+    """Join the hosts of a multi-host slice into one JAX runtime, before any device is used.
+
+    On a multi-host TPU VM slice (v5e-16 and up) JAX finds its peers from the TPU metadata;
+    elsewhere JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID name them. A
+    single host needs nothing.
+    """
+    import jax
+
+    coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if coordinator:
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
 
 
 def log(stage: str, message: str) -> None:

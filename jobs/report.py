@@ -18,10 +18,10 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     cfg = config.report
     tokens_manifest = require_manifest(config.tokens_uri, "tokenize")
     require_manifest(config.sae_uri, "train")
-    if config.train.source != "stream":
+    if config.train.source == "npy":
         raise InputError(
             "report evaluates on the tokenized held-out split through the language model; "
-            "it needs train.source=stream"
+            "it needs train.source=stream or store, not npy"
         )
     eval_shards = tokens_manifest["shards"]["eval"]
     if not eval_shards:

@@ -14,6 +14,12 @@ from sae.config import PipelineConfig
 from sae.errors import InputError
 
 
+def _progress_total(fmt: str, files: list[str]) -> int:
+    """Corpus bytes for the progress line's percentage; 0 (no percentage) for Parquet, whose
+    compressed file sizes do not measure the text read."""
+    return 0 if fmt == "parquet" else sum(storage.size(uri) for uri in files)
+
+
 def _shard_stats(uris: list[str]) -> dict[str, dict[str, int]]:
     stats = {split: {"sequences": 0, "tokens": 0, "shards": 0} for split in token_shards.SPLITS}
     for uri in uris:
@@ -26,11 +32,37 @@ def _shard_stats(uris: list[str]) -> dict[str, dict[str, int]]:
     return stats
 
 
+def tokenizer_proto(tokenizer: str, preset_uri: str) -> bytes:
+    """The SentencePiece model to tokenize with: `tokenizer` (a .model/.spm file or a preset
+    directory) if set, else the model preset's."""
+    if not tokenizer:
+        return lm.tokenizer_proto(preset_uri)
+    if tokenizer.endswith((".model", ".spm")):
+        if not storage.exists(tokenizer):
+            raise InputError(f"tokenizer file not found: {tokenizer}")
+        return storage.read_bytes(tokenizer)
+    if storage.is_dir(tokenizer):
+        return lm.tokenizer_proto(tokenizer)
+    raise InputError(
+        f"tokenize.tokenizer '{tokenizer}' is neither a SentencePiece model file "
+        "(.model, .spm) nor a preset directory"
+    )
+
+
+def _processor(proto: bytes, source: str) -> spm.SentencePieceProcessor:
+    try:
+        return spm.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError:
+        raise InputError(f"{source} is not a valid SentencePiece model") from None
+
+
 def run(config: PipelineConfig, force: bool = False) -> None:
     cfg = config.tokenize
     files = corpus.find_corpus_files(config.corpus_uri)
-    proto = lm.tokenizer_proto(config.preset_uri)
-    processor = spm.SentencePieceProcessor(model_proto=proto)
+    proto = tokenizer_proto(cfg.tokenizer, config.preset_uri)
+    processor = _processor(proto, cfg.tokenizer or f"the tokenizer of {config.preset_uri}")
+    if cfg.add_eos and processor.eos_id() < 0:
+        raise InputError("tokenize.add_eos is set but the tokenizer has no EOS piece")
     tokenizer_fingerprint = "sha256:" + hashlib.sha256(proto).hexdigest()
     inputs = {uri: storage.fingerprint(uri) for uri in files}
     inputs["tokenizer"] = tokenizer_fingerprint
@@ -40,7 +72,7 @@ def run(config: PipelineConfig, force: bool = False) -> None:
         # A re-run replaces the previous shards wholesale (their count or split may differ).
         storage.delete_tree(output)
         spec = tokenize_beam.packing_spec(
-            cfg.sequence_length, cfg.num_shards, cfg.eval_fraction, cfg.seed
+            cfg.sequence_length, cfg.num_shards, cfg.eval_fraction, cfg.seed, cfg.packing
         )
         log("tokenize", f"{len(files)} corpus file(s) -> {output} ({cfg.runner} runner)")
         try:
@@ -53,15 +85,20 @@ def run(config: PipelineConfig, force: bool = False) -> None:
                 cfg.on_bad_record == "skip",
                 spec,
                 cfg.runner,
-                total_bytes=sum(storage.size(uri) for uri in files),
+                cfg.dataflow,
+                total_bytes=_progress_total(cfg.format, files),
+                add_eos=cfg.add_eos,
             )
-        except corpus.BadRecordError as error:
+        except InputError as error:
             storage.delete_tree(output)
-            message = str(error).split(" [while running")[0]
-            raise InputError(
-                f"undecodable corpus record: {message} (set tokenize."
-                "on_bad_record=skip to count and skip such records)"
-            ) from None
+            # Beam appends the failing step (and a traceback) to a DoFn's exception.
+            message = str(error).split(" [while running")[0].strip().splitlines()[0]
+            if isinstance(error, corpus.BadRecordError):
+                raise InputError(
+                    f"undecodable corpus record: {message} (set tokenize."
+                    "on_bad_record=skip to count and skip such records)"
+                ) from None
+            raise InputError(message) from None
         shards = sorted(uri for uri in storage.list_files(output) if uri.endswith(".parquet"))
         stats = _shard_stats(shards)
         if counters["documents"] == 0 or stats["train"]["sequences"] == 0:

@@ -20,7 +20,16 @@ import jax
 import numpy as np
 
 from jobs.common import Preempted, StageOutput, log, require_manifest, run_stage
-from sae import activation_files, activations, lm, manifest, sae_io, sharding, storage
+from sae import (
+    activation_files,
+    activation_store,
+    activations,
+    lm,
+    manifest,
+    sae_io,
+    sharding,
+    storage,
+)
 from sae.arch import ARCHITECTURES, SparseAutoencoder
 from sae.checkpoint import Checkpointer
 from sae.config import PipelineConfig, SaeConfig, TrainConfig
@@ -44,6 +53,7 @@ class Source:
     inputs: dict[str, str]
     tokens_manifest: dict[str, Any] | None
     npy: activation_files.NpyRows | None = None
+    store: activation_store.StoreRows | None = None
 
 
 def _check_mesh(cfg: TrainConfig, mesh, d_model: int) -> None:
@@ -84,6 +94,10 @@ def _open_source(config: PipelineConfig) -> Source:
         rows = activation_files.NpyRows(activation_files.find_activation_files(cfg.activations))
         fingerprints = "".join(storage.fingerprint(uri) for uri in rows.uris)
         return Source(rows.dim, {"activations": manifest.digest(fingerprints)}, None, rows)
+    if cfg.source == "store":
+        rows, store_manifest = activation_store.open_store(config.activations_uri, cfg.layers)
+        inputs = {"activations": manifest.fingerprint(config.activations_uri)}
+        return Source(rows.d_model, inputs, store_manifest, store=rows)
     tokens_manifest = require_manifest(config.tokens_uri, "tokenize")
     lm.check_layers(config.preset_uri, cfg.layers)
     hidden = int(lm.backbone_config(config.preset_uri)["hidden_dim"])
@@ -159,6 +173,11 @@ def _batches(config: PipelineConfig, source: Source, mesh, start_step: int) -> I
     cfg = config.train
     if source.npy is not None:
         return activation_files.random_batches(source.npy, cfg.batch_size, cfg.seed, start_step)
+    if source.store is not None:
+        reader = activation_store.ShuffledReader(
+            source.store, cfg.batch_size, cfg.shuffle_buffer, cfg.seed
+        )
+        return reader.batches(start_step)
     backbone = lm.load_backbone(config.preset_uri, config.model.dtype)
     tap = lm.ActivationTap(backbone, cfg.layers, mesh)
     stream = activations.training_batches(

@@ -6,12 +6,15 @@ Nothing large is held: one token shard, one language-model batch, and a bounded 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from sae import token_shards
 
-TapFn = Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
+# (token_ids, lengths) -> activations per layer: host arrays, or device arrays still being
+# computed (read one batch later, so the next forward overlaps the host's work).
+TapFn = Callable[[np.ndarray, np.ndarray], list[Any]]
 
 
 def content_mask(token_ids: np.ndarray, lengths: np.ndarray, bos_id: int) -> np.ndarray:
@@ -88,11 +91,22 @@ def activation_chunks(
     bos_id: int,
 ) -> Iterator[np.ndarray]:
     """Rows [n, layers * hidden]: every tapped layer side by side (so SAEs on different layers
-    see the same tokens), BOS and padding positions dropped."""
+    see the same tokens), BOS and padding positions dropped. One forward stays in flight: the
+    next batch is dispatched before the previous one's activations are read."""
+
+    def rows(outputs: list[Any], token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        layers = [np.asarray(out) for out in outputs]
+        activations = layers[0] if len(layers) == 1 else np.concatenate(layers, axis=-1)
+        return activations[content_mask(token_ids, lengths, bos_id)]
+
+    in_flight = None
     for token_ids, lengths in sequence_batches(sequences, lm_batch_size):
-        outputs = tap(token_ids, lengths)
-        activations = outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=-1)
-        yield activations[content_mask(token_ids, lengths, bos_id)]
+        dispatched = (tap(token_ids, lengths), token_ids, lengths)
+        if in_flight is not None:
+            yield rows(*in_flight)
+        in_flight = dispatched
+    if in_flight is not None:
+        yield rows(*in_flight)
 
 
 def training_batches(

@@ -52,20 +52,68 @@ class ModelConfig:
 
 
 @dataclass
+class DataflowConfig:
+    """Dataflow settings for `tokenize.runner=dataflow`; empty strings leave Beam's defaults."""
+
+    project: str = ""
+    region: str = ""
+    # gs:// scratch space for the job; staging (the job's packages) defaults to it.
+    temp_location: str = ""
+    staging_location: str = ""
+    # Workers need the `sae` package: a worker image (Dockerfile target `dataflow`), or
+    # setup_file (./pyproject.toml) plus requirements_file installed at worker start.
+    sdk_container_image: str = ""
+    requirements_file: str = ""
+    setup_file: str = ""
+    machine_type: str = ""
+    # Autoscaling limit; 0: Dataflow's default.
+    max_num_workers: int = 0
+    service_account_email: str = ""
+    network: str = ""
+    subnetwork: str = ""
+    # Workers without external IPs (the subnetwork then needs Private Google Access).
+    no_use_public_ips: bool = False
+
+    def validate(self) -> None:
+        for key in ("project", "region", "temp_location"):
+            if not getattr(self, key):
+                raise ConfigError(
+                    f"tokenize.dataflow.{key} is required when tokenize.runner is dataflow"
+                )
+        for key in ("temp_location", "staging_location"):
+            value = getattr(self, key)
+            if value and not storage.is_gcs(value):
+                raise ConfigError(f"tokenize.dataflow.{key} must be a gs:// URI, got {value!r}")
+        if self.max_num_workers < 0:
+            raise ConfigError("tokenize.dataflow.max_num_workers must not be negative")
+
+
+@dataclass
 class TokenizeConfig:
     """Corpus -> packed token sequences in Parquet shards (Apache Beam)."""
 
     # Corpus files: one URI or glob, or several separated by commas. Empty: the demo corpus.
     input: str = ""
-    format: Literal["jsonl", "text"] = "jsonl"
+    format: Literal["jsonl", "text", "parquet"] = "jsonl"
+    # The JSONL field or Parquet column holding each document's text.
     text_field: str = "text"
+    # Empty: the model preset's tokenizer. Otherwise a SentencePiece model file (.model, .spm)
+    # or a keras-hub preset directory; its ids must fit the model's vocabulary.
+    tokenizer: str = ""
+    # Append the tokenizer's EOS after each document (BOS always comes before it).
+    add_eos: bool = False
+    # pack: documents concatenated and cut into full sequences; document: one document per
+    # sequence, truncated to sequence_length and padded.
+    packing: Literal["pack", "document"] = "pack"
     sequence_length: int = 128
     num_shards: int = 4
     # Fraction of sequences held out for evaluation (the report stage reads only these).
     eval_fraction: float = 0.05
-    # What to do with a record that is not valid UTF-8 or JSON: stop with an error, or skip it.
+    # What to do with a record that is not valid UTF-8 or JSON, or a null or non-string
+    # Parquet value: stop with an error, or count and skip it.
     on_bad_record: Literal["error", "skip"] = "error"
     runner: Literal["direct", "dataflow"] = "direct"
+    dataflow: DataflowConfig = field(default_factory=DataflowConfig)
     seed: int = 0
 
     def validate(self) -> None:
@@ -74,6 +122,8 @@ class TokenizeConfig:
             raise ConfigError("tokenize.sequence_length must be at least 2")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError("tokenize.eval_fraction must be in [0, 1)")
+        if self.runner == "dataflow":
+            self.dataflow.validate()
 
 
 @dataclass
@@ -155,10 +205,12 @@ class TrainConfig:
     """Activations (streamed from the language model, or from .npy files) into SAEs."""
 
     saes: list[SaeConfig] = field(default_factory=_default_saes)
-    # Where activation rows come from: the language model over the tokenized corpus, or
-    # plain .npy files of shape [tokens, d_model] (`activations`).
-    source: Literal["stream", "npy"] = "stream"
-    # .npy files (a URI or glob, or several separated by commas) when source is npy.
+    # Where activation rows come from: the language model over the tokenized corpus
+    # (stream), the extract stage's activation store (store), or plain .npy files of shape
+    # [tokens, d_model] (npy).
+    source: Literal["stream", "store", "npy"] = "stream"
+    # npy: the .npy files (a URI or glob, or several separated by commas); store: the store's
+    # URI (empty: <workdir>/activations).
     activations: str = ""
     # Tokens per optimizer step (split over the mesh's data axis).
     batch_size: int = 1024
@@ -224,7 +276,7 @@ class TrainConfig:
         if self.source == "npy" and not self.activations:
             raise ConfigError("train.activations (.npy files) is required when train.source is npy")
         if self.source == "stream" and self.activations:
-            raise ConfigError("train.activations is read only when train.source is npy")
+            raise ConfigError("train.activations is not read when train.source is stream")
 
     @property
     def lr_decay_steps(self) -> int:
@@ -234,6 +286,30 @@ class TrainConfig:
     def layers(self) -> list[int]:
         """The distinct layers the SAEs read, in order: the columns of an activation row."""
         return sorted({sae.layer for sae in self.saes})
+
+
+@dataclass
+class ExtractConfig:
+    """The train split's activations, computed once into a store that many runs can read."""
+
+    # Layers to store; empty: the layers the train section's SAEs read.
+    layers: list[int] = field(default_factory=list)
+    # Sequences per language-model forward pass (split over the mesh's data axis).
+    lm_batch_size: int = 16
+    # Rows per stored chunk: the unit of reading, and of shuffling at chunk level.
+    chunk_rows: int = 4096
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # Stop after this many rows (0: the whole train split).
+    max_rows: int = 0
+    mesh_data: int = -1
+
+    def validate(self) -> None:
+        _positive(self, "lm_batch_size", "chunk_rows")
+        _non_negative(self, "max_rows")
+        if any(layer < 0 for layer in self.layers):
+            raise ConfigError("extract.layers must be non-negative layer indices")
+        if self.mesh_data != -1 and self.mesh_data < 1:
+            raise ConfigError("extract.mesh_data must be -1 (all devices) or positive")
 
 
 @dataclass
@@ -264,18 +340,34 @@ class PipelineConfig:
     demo: DemoConfig = field(default_factory=DemoConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def validate(self) -> None:
         if not self.workdir:
             raise ConfigError("workdir must not be empty")
-        for section in (self.demo, self.model, self.tokenize, self.train, self.report):
+        sections = (self.demo, self.model, self.tokenize, self.extract, self.train, self.report)
+        for section in sections:
             section.validate()
         if not self.demo.enabled and not self.tokenize.input:
             raise ConfigError("tokenize.input is required when demo.enabled is false")
         if not self.demo.enabled and not self.model.preset:
             raise ConfigError("model.preset is required when demo.enabled is false")
+        if self.tokenize.runner == "dataflow":
+            self._check_dataflow_paths()
+
+    def _check_dataflow_paths(self) -> None:
+        # Dataflow workers can neither read nor write this machine's disk.
+        if not storage.is_gcs(self.tokens_uri):
+            raise ConfigError("workdir must be a gs:// URI when tokenize.runner is dataflow")
+        inputs = [u.strip() for u in self.corpus_uri.split(",") if u.strip()]
+        local = [u for u in inputs if not storage.is_gcs(u)]
+        if local:
+            raise ConfigError(
+                "tokenize.input must be gs:// URIs when tokenize.runner is dataflow, "
+                f"got {local[0]!r}"
+            )
 
     # Derived locations: every stage agrees on them, so stages can be run one by one.
     @property
@@ -293,6 +385,17 @@ class PipelineConfig:
     @property
     def tokens_uri(self) -> str:
         return storage.join(self.workdir, "tokens")
+
+    @property
+    def activations_uri(self) -> str:
+        """The activation store the extract stage writes (and train.source=store reads)."""
+        if self.train.source == "store" and self.train.activations:
+            return self.train.activations
+        return storage.join(self.workdir, "activations")
+
+    @property
+    def extract_layers(self) -> list[int]:
+        return sorted(set(self.extract.layers)) or self.train.layers
 
     @property
     def sae_uri(self) -> str:

@@ -16,10 +16,13 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from sae import sharding, storage  # noqa: E402
 from sae.errors import ConfigError, InputError  # noqa: E402
+from sae.sharding import DATA  # noqa: E402
 
 
 def local_preset(preset_uri: str) -> Path:
@@ -97,9 +100,23 @@ class ActivationTap:
         outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
         return [out.astype(jax.numpy.float32) for out in outputs]
 
-    def __call__(self, token_ids: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
-        """[batch, seq, hidden] float32 activations per tapped layer, as host arrays."""
+    def device_forward(self, token_ids: jax.Array, padding_mask: jax.Array) -> list[jax.Array]:
+        """The jitted forward alone, on (sharded) device arrays: what benchmarks compare with."""
+        return self._forward(self._weights, token_ids, padding_mask)
+
+    def __call__(self, token_ids: np.ndarray, lengths: np.ndarray) -> list[jax.Array]:
+        """[batch, seq, hidden] float32 activations per tapped layer (this host's sequences).
+
+        Returned as soon as the forward is dispatched: reading them (np.asarray) waits for it,
+        so a caller can dispatch the next batch first and keep the device busy."""
         positions = np.arange(token_ids.shape[1])[None, :]
         padding_mask = positions < lengths[:, None]
-        outputs = self._forward(self._weights, token_ids.astype(np.int32), padding_mask)
-        return [np.asarray(out) for out in outputs]
+        inputs = (token_ids.astype(np.int32), padding_mask)
+        if jax.process_count() > 1:
+            # Multi-host: each host passes its own sequences and gets their activations back.
+            inputs = multihost_utils.host_local_array_to_global_array(inputs, self.mesh, P(DATA))
+            outputs = self.device_forward(*inputs)
+            outputs = multihost_utils.global_array_to_host_local_array(outputs, self.mesh, P(DATA))
+        else:
+            outputs = self.device_forward(*inputs)
+        return list(outputs)

@@ -91,6 +91,15 @@ def _local_path(uri: str | os.PathLike[str]) -> Path:
     return Path(uri.removeprefix(_FILE)).expanduser()
 
 
+def tensorstore_kvstore(uri: str) -> dict[str, str]:
+    """tensorstore's address of a directory URI (gs:// reaches an emulator through
+    TENSORSTORE_GCS_HTTP_URL, set above)."""
+    if is_gcs(uri):
+        bucket, path = _split(uri)
+        return {"driver": "gcs", "bucket": bucket, "path": path.rstrip("/") + "/"}
+    return {"driver": "file", "path": str(_local_path(uri).absolute()) + "/"}
+
+
 def _split(uri: str) -> tuple[str, str]:
     """gs://bucket/a/b/ -> ("bucket", "a/b")."""
     bucket, _, key = uri[len(_GS) :].partition("/")

@@ -375,7 +375,7 @@ def test_dockerfile_entrypoint_is_gemma_sae(target: str) -> None:
     assert json.loads(entrypoints[-1])[0] == "gemma-sae", "use the exec (JSON) form"
 
 
-@pytest.mark.parametrize("target", ["cpu", "tpu"])
+@pytest.mark.parametrize("target", ["cpu", "tpu", "dataflow"])
 def test_dockerfile_copies_requirements_before_source(target: str) -> None:
     steps = _stages()[target]
     copies = [(i, rest.split()) for i, (keyword, rest) in enumerate(steps) if keyword == "COPY"]
@@ -406,6 +406,14 @@ def test_dockerfile_tpu_pins_match_the_lock() -> None:
     assert re.search(r"libtpu==[\d.]+", tpu_runs), "libtpu must be pinned"
     cpu_runs = " ".join(rest for keyword, rest in _stages()["cpu"] if keyword == "RUN")
     assert "libtpu" not in cpu_runs
+
+
+def test_dockerfile_dataflow_worker_matches_the_lock() -> None:
+    locked = dict(line.split("==", 1) for line in LOCK.read_text().splitlines() if "==" in line)
+    steps = _stages()["dataflow"]
+    # Workers must run the launcher's Beam and Python versions, and keep the SDK's boot entry.
+    assert steps[0][1].split()[0] == f"apache/beam_python3.11_sdk:{locked['apache-beam']}"
+    assert not [rest for keyword, rest in steps if keyword == "ENTRYPOINT"]
 
 
 def test_dockerignore_keeps_the_context_small() -> None:

@@ -47,6 +47,26 @@ def test_derived_paths_follow_workdir():
     assert cfg.corpus_uri == "gs://bucket/run/corpus/*.jsonl"
 
 
+DATAFLOW = [
+    "tokenize.runner=dataflow",
+    "tokenize.dataflow.project=my-project",
+    "tokenize.dataflow.region=us-west4",
+    "tokenize.dataflow.temp_location=gs://b/tmp",
+]
+
+
+def test_dataflow_settings_load():
+    cfg = config.load(
+        None, [*DATAFLOW, "workdir=gs://b/run", "tokenize.dataflow.max_num_workers=8"]
+    )
+    assert cfg.tokenize.dataflow.project == "my-project"
+    assert cfg.tokenize.dataflow.max_num_workers == 8
+    gemma = config.load(
+        str(ROOT / "configs" / "gemma2-2b-v5e-8.yaml"), ["tokenize.runner=dataflow"]
+    )
+    assert gemma.tokenize.dataflow.temp_location.startswith("gs://")
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -70,6 +90,25 @@ def test_derived_paths_follow_workdir():
         (["train.lr_warmup_steps=590"], "do not fit in train.steps (600)"),
         (["train.source=npy"], "train.activations (.npy files) is required"),
         (["tokenize.eval_fraction=1.5"], "tokenize.eval_fraction must be in [0, 1)"),
+        (["tokenize.packing=stream"], "'tokenize.packing' must be one of 'pack', 'document'"),
+        (
+            ["tokenize.runner=dataflow", "workdir=gs://b/run"],
+            "tokenize.dataflow.project is required when tokenize.runner is dataflow",
+        ),
+        (
+            [*DATAFLOW[:3], "tokenize.dataflow.temp_location=/tmp/x", "workdir=gs://b/run"],
+            "tokenize.dataflow.temp_location must be a gs:// URI, got '/tmp/x'",
+        ),
+        (DATAFLOW, "workdir must be a gs:// URI when tokenize.runner is dataflow"),
+        (
+            [*DATAFLOW, "workdir=gs://b/run", "tokenize.input=gs://b/a.jsonl,/data/b.jsonl"],
+            "tokenize.input must be gs:// URIs when tokenize.runner is dataflow, got '/data/b",
+        ),
+        (
+            ["tokenize.dataflow.max_workers=3"],
+            "unknown config key 'tokenize.dataflow.max_workers' (did you mean "
+            "'tokenize.dataflow.max_num_workers'?)",
+        ),
         (["demo.enabled=false"], "tokenize.input is required when demo.enabled is false"),
         (["train"], "must look like key=value"),
     ],

@@ -70,10 +70,14 @@ def _quality(name: str) -> tuple[float, float]:
     return recovered, float(np.mean(np.sum(latents > 0, axis=1)))
 
 
+# BatchTopK and JumpReLU select latents by an absolute cut-off rather than a per-token rank,
+# and on this dense toy (L0/d = 0.19, so interference between active directions is of the
+# order of the cut-off) both settle at a worse fit: started from a TopK dictionary that
+# recovers 97%, BatchTopK training drifts to FVE 0.78 (TopK: 0.83) and 68% recovered. The
+# batch cut-off is exact (checked against a sort); the gap is open in the issue tracker.
 KNOWN_SHORT = pytest.mark.xfail(
     strict=True,
-    reason="reaches the target L0 but matches few true directions on this data so far; "
-    "open in issue 3",
+    reason="reaches the target L0 but matches few true directions on this data so far",
 )
 
 

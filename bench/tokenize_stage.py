@@ -23,10 +23,9 @@ import time
 from datetime import date
 
 import apache_beam as beam
-import pyarrow.parquet as pq
 import sentencepiece as spm
 
-from sae import demo_corpus, storage, tokenize_beam
+from sae import demo_corpus, storage, token_shards, tokenize_beam
 from sae.tiny_model import train_tokenizer
 
 
@@ -55,9 +54,9 @@ def beam_job(
     counters = tokenize_beam.run(files, out, proto, "jsonl", "text", False, spec, "direct")
     sequences = tokens = 0
     for shard in storage.list_files(out):
-        meta = pq.read_metadata(shard)
-        sequences += meta.num_rows
-        tokens += int(meta.metadata[b"num_tokens"])
+        shard_sequences, shard_tokens = token_shards.shard_counts(shard)
+        sequences += shard_sequences
+        tokens += shard_tokens
     return {"documents": counters["documents"], "sequences": sequences, "tokens": tokens}
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import time
 
 import jax
-import pyarrow.parquet as pq
 from jax.experimental import multihost_utils
 
 from jobs.common import StageOutput, log, require_manifest, run_stage
@@ -21,11 +20,6 @@ from sae import activation_store, activations, lm, manifest, sharding, storage, 
 from sae.config import PipelineConfig
 from sae.errors import ConfigError
 from sae.progress import Progress
-
-
-def _shard_tokens(uri: str) -> int:
-    with storage.open_read(uri) as handle:
-        return int(pq.read_metadata(handle).metadata[b"num_tokens"])
 
 
 def run(config: PipelineConfig, force: bool = False) -> None:
@@ -66,28 +60,29 @@ def _extract(config: PipelineConfig, tokens_manifest: dict, layers: list[int], m
         storage.delete_tree(output)
     multihost_utils.sync_global_devices("extract: output cleared")
     shards = tokens_manifest["shards"]["train"][process::processes]
-    capacity = sum(_shard_tokens(uri) for uri in shards)
-    limit = cfg.max_rows // processes if cfg.max_rows else capacity
+    # The shards' real tokens bound the rows (BOS positions are dropped from them).
+    capacity = sum(token_shards.shard_counts(uri)[1] for uri in shards)
+    limit = min(capacity, cfg.max_rows // processes) if cfg.max_rows else capacity
     backbone = lm.load_backbone(config.preset_uri, config.model.dtype)
     tap = lm.ActivationTap(backbone, layers, mesh)
     part = activation_store.part_uri(output, process)
     writer = activation_store.PartWriter(
-        part, layers, tap.hidden_dim, min(capacity, limit), cfg.chunk_rows, cfg.dtype
+        part, layers, tap.hidden_dim, limit, cfg.chunk_rows, cfg.dtype
     )
     log(
         "extract",
         f"layers {layers} of {config.preset_uri}: {len(shards)} shard(s) -> {part} "
         f"({cfg.dtype}, {cfg.chunk_rows}-row chunks)",
     )
-    progress = Progress("extract", min(capacity, limit))
+    progress = Progress("extract", limit)
     started = time.perf_counter()
     sequences = token_shards.iter_sequences(shards)
     bos = tokens_manifest["tokenizer"]["bos_id"]
     for rows in activations.activation_chunks(sequences, tap, cfg.lm_batch_size, bos):
-        rows = rows[: limit - writer.rows - writer.buffered]
+        rows = rows[: limit - writer.appended]
         writer.append(rows)
         progress.update(len(rows))
-        if writer.rows + writer.buffered >= limit:
+        if writer.appended >= limit:
             break
     record = writer.close()
     seconds = time.perf_counter() - started

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
-import pyarrow.parquet as pq
 import sentencepiece as spm
 
 from jobs.common import StageOutput, log, run_stage
@@ -24,29 +23,11 @@ def _shard_stats(uris: list[str]) -> dict[str, dict[str, int]]:
     stats = {split: {"sequences": 0, "tokens": 0, "shards": 0} for split in token_shards.SPLITS}
     for uri in uris:
         split = storage.basename(uri).split("-")[0]
-        with storage.open_read(uri) as handle:
-            meta = pq.read_metadata(handle)
-        stats[split]["sequences"] += meta.num_rows
-        stats[split]["tokens"] += int(meta.metadata[b"num_tokens"])
+        sequences, tokens = token_shards.shard_counts(uri)
+        stats[split]["sequences"] += sequences
+        stats[split]["tokens"] += tokens
         stats[split]["shards"] += 1
     return stats
-
-
-def tokenizer_proto(tokenizer: str, preset_uri: str) -> bytes:
-    """The SentencePiece model to tokenize with: `tokenizer` (a .model/.spm file or a preset
-    directory) if set, else the model preset's."""
-    if not tokenizer:
-        return lm.tokenizer_proto(preset_uri)
-    if tokenizer.endswith((".model", ".spm")):
-        if not storage.exists(tokenizer):
-            raise InputError(f"tokenizer file not found: {tokenizer}")
-        return storage.read_bytes(tokenizer)
-    if storage.is_dir(tokenizer):
-        return lm.tokenizer_proto(tokenizer)
-    raise InputError(
-        f"tokenize.tokenizer '{tokenizer}' is neither a SentencePiece model file "
-        "(.model, .spm) nor a preset directory"
-    )
 
 
 def _processor(proto: bytes, source: str) -> spm.SentencePieceProcessor:
@@ -59,7 +40,7 @@ def _processor(proto: bytes, source: str) -> spm.SentencePieceProcessor:
 def run(config: PipelineConfig, force: bool = False) -> None:
     cfg = config.tokenize
     files = corpus.find_corpus_files(config.corpus_uri)
-    proto = tokenizer_proto(cfg.tokenizer, config.preset_uri)
+    proto = lm.chosen_tokenizer_proto(cfg.tokenizer, config.preset_uri)
     processor = _processor(proto, cfg.tokenizer or f"the tokenizer of {config.preset_uri}")
     if cfg.add_eos and processor.eos_id() < 0:
         raise InputError("tokenize.add_eos is set but the tokenizer has no EOS piece")

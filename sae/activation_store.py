@@ -16,7 +16,6 @@ while memory holds one window (plus the next, being fetched). The order is a pur
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-from sae import storage
+from sae import manifest, storage
 from sae.errors import InputError
 
 PART_ROWS_NAME = "rows.json"
@@ -40,21 +39,45 @@ def layer_uri(part: str, layer: int) -> str:
     return storage.join(part, f"layer_{layer:02d}")
 
 
-def _open(uri: str, **create: object) -> ts.TensorStore:
-    spec: dict[str, object] = {"driver": "zarr3", "kvstore": storage.tensorstore_kvstore(uri)}
-    if create:
-        rows, dim, chunk_rows, dtype = (create[k] for k in ("rows", "dim", "chunk_rows", "dtype"))
-        spec["metadata"] = {
-            "shape": [rows, dim],
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, dim]}},
-            "data_type": dtype,
-        }
-        # Fails on an existing array: the extract stage clears the whole store first.
-        return ts.open(spec, create=True).result()
+def _spec(uri: str) -> dict[str, object]:
+    return {"driver": "zarr3", "kvstore": storage.tensorstore_kvstore(uri)}
+
+
+def _create(uri: str, rows: int, dim: int, chunk_rows: int, dtype: str) -> ts.TensorStore:
+    spec = _spec(uri)
+    spec["metadata"] = {
+        "shape": [rows, dim],
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, dim]}},
+        "data_type": dtype,
+    }
+    # Fails on an existing array: the extract stage clears the whole store first.
+    return ts.open(spec, create=True).result()
+
+
+def _open(uri: str) -> ts.TensorStore:
     try:
-        return ts.open(spec, open=True).result()
+        return ts.open(_spec(uri), open=True).result()
     except ValueError as error:
         raise InputError(f"no readable activation array at {uri}: {error}") from None
+
+
+class _RowQueue:
+    """Row blocks of any length in, blocks of a chosen length out."""
+
+    def __init__(self) -> None:
+        self.blocks: list[np.ndarray] = []
+        self.size = 0
+
+    def push(self, rows: np.ndarray) -> None:
+        if len(rows):
+            self.blocks.append(rows)
+            self.size += len(rows)
+
+    def pop(self, count: int) -> np.ndarray:
+        block = np.concatenate(self.blocks) if len(self.blocks) > 1 else self.blocks[0]
+        rest = block[count:]
+        self.blocks, self.size = ([rest] if len(rest) else []), len(rest)
+        return block[:count]
 
 
 class PartWriter:
@@ -78,37 +101,34 @@ class PartWriter:
         self.chunk_rows, self.dtype, self.max_pending = chunk_rows, DTYPES[dtype], max_pending
         rows = max(capacity, 1)
         self.arrays = [
-            _open(
-                layer_uri(part, layer), rows=rows, dim=d_model, chunk_rows=chunk_rows, dtype=dtype
-            )
+            _create(layer_uri(part, layer), rows, d_model, chunk_rows, dtype)
             for layer in self.layers
         ]
         self.pending: list[ts.Future] = []
-        self.buffer: list[np.ndarray] = []
-        self.buffered = 0
-        self.rows = 0
+        self.queue = _RowQueue()
+        self.rows = 0  # written (or being written) to the arrays
         self.norm_sums = np.zeros(len(self.layers), np.float64)
+
+    @property
+    def appended(self) -> int:
+        """Rows taken so far: written, and waiting for a whole chunk."""
+        return self.rows + self.queue.size
 
     def append(self, rows: np.ndarray) -> None:
         if rows.shape[1] != self.d_model * len(self.layers):
             raise ValueError(f"rows of width {rows.shape[1]}; expected layers * d_model")
-        self.buffer.append(rows)
-        self.buffered += len(rows)
-        while self.buffered >= self.chunk_rows:
-            self._flush(self.chunk_rows)
+        self.queue.push(rows)
+        while self.queue.size >= self.chunk_rows:
+            self._write(self.queue.pop(self.chunk_rows))
 
-    def _flush(self, count: int) -> None:
-        block = np.concatenate(self.buffer) if len(self.buffer) > 1 else self.buffer[0]
-        chunk, rest = block[:count], block[count:]
-        self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
-        start = self.rows
+    def _write(self, chunk: np.ndarray) -> None:
+        start, count = self.rows, len(chunk)
         if start + count > self.arrays[0].shape[0]:
             raise ValueError(f"more rows than the capacity {self.arrays[0].shape[0]}")
         for index, array in enumerate(self.arrays):
             columns = chunk[:, index * self.d_model : (index + 1) * self.d_model]
             self.norm_sums[index] += float(np.linalg.norm(columns, axis=1).astype(np.float64).sum())
-            data = np.ascontiguousarray(columns).astype(self.dtype)
-            self.pending.append(array[start : start + count].write(data))
+            self.pending.append(array[start : start + count].write(columns.astype(self.dtype)))
         self.rows += count
         # Bound what is in flight: host memory stays flat however long the run.
         while len(self.pending) > self.max_pending * len(self.arrays):
@@ -117,8 +137,8 @@ class PartWriter:
     def close(self) -> dict[str, object]:
         """Write the tail, wait for every write, cut the arrays to the rows written, and write
         the part's record (last, so a part without one is unfinished)."""
-        if self.buffered:
-            self._flush(self.buffered)
+        if self.queue.size:
+            self._write(self.queue.pop(self.queue.size))
         for future in self.pending:
             future.result()
         self.pending = []
@@ -232,22 +252,15 @@ class ShuffledReader:
             current, reads = upcoming, upcoming_reads
 
     def batches(self, start_step: int = 0) -> Iterator[np.ndarray]:
-        held: list[np.ndarray] = []
-        count = 0
+        queue = _RowQueue()
         for rows in self._stream(start_step * self.batch_size):
-            held.append(rows)
-            count += len(rows)
-            while count >= self.batch_size:
-                block = np.concatenate(held) if len(held) > 1 else held[0]
-                yield block[: self.batch_size]
-                rest = block[self.batch_size :]
-                held, count = ([rest] if len(rest) else []), len(rest)
+            queue.push(rows)
+            while queue.size >= self.batch_size:
+                yield queue.pop(self.batch_size)
 
 
 def open_store(store_uri: str, layers: Sequence[int]) -> tuple[StoreRows, dict]:
     """The rows of a finished store (its extract manifest must exist) for `layers`."""
-    from sae import manifest
-
     found = manifest.read(store_uri)
     if found is None or found.get("stage") != "extract":
         raise InputError(
@@ -273,4 +286,4 @@ def read_part_record(store_uri: str, part: int) -> dict:
     uri = storage.join(part_uri(store_uri, part), PART_ROWS_NAME)
     if not storage.exists(uri):
         raise InputError(f"activation store part {uri} is unfinished")
-    return json.loads(storage.read_text(uri))
+    return storage.read_json(uri)

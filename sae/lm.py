@@ -68,6 +68,23 @@ def tokenizer_proto(preset_uri: str) -> bytes:
     return storage.read_bytes(models[0])
 
 
+def chosen_tokenizer_proto(tokenizer: str, preset_uri: str) -> bytes:
+    """The SentencePiece model to tokenize with: `tokenizer` (a .model/.spm file or a preset
+    directory) if set, else the model preset's."""
+    if not tokenizer:
+        return tokenizer_proto(preset_uri)
+    if tokenizer.endswith((".model", ".spm")):
+        if not storage.exists(tokenizer):
+            raise InputError(f"tokenizer file not found: {tokenizer}")
+        return storage.read_bytes(tokenizer)
+    if storage.is_dir(tokenizer):
+        return tokenizer_proto(tokenizer)
+    raise InputError(
+        f"tokenize.tokenizer '{tokenizer}' is neither a SentencePiece model file "
+        "(.model, .spm) nor a preset directory"
+    )
+
+
 class ActivationTap:
     """Residual-stream activations after `decoder_block_<layer>` for each requested layer."""
 

@@ -42,6 +42,13 @@ def write_shard(
     return num_tokens
 
 
+def shard_counts(uri: str) -> tuple[int, int]:
+    """(sequences, real tokens) of one shard, from its Parquet footer alone (no data read)."""
+    with storage.open_read(uri) as handle:
+        meta = pq.read_metadata(handle)
+    return meta.num_rows, int(meta.metadata[b"num_tokens"])
+
+
 def read_shard(uri: str) -> tuple[np.ndarray, np.ndarray]:
     """(token_ids [n, sequence_length] int32, lengths [n] int32) of one shard."""
     try:

@@ -186,5 +186,20 @@ def local_run(tmp_path_factory: pytest.TempPathFactory):
     return workdir
 
 
+def reuse_run(local_run, workdir) -> list[str]:
+    """Overrides for a run in `workdir` on `local_run`'s model, corpus and tokens (copied), so
+    a test can run single stages after tokenize."""
+    from sae import storage
+
+    storage.upload_tree(str(local_run / "tokens"), str(workdir / "tokens"))
+    return [
+        f"workdir={workdir}",
+        "demo.enabled=false",
+        f"model.preset={local_run / 'model'}",
+        f"tokenize.input={local_run / 'corpus'}",
+        *SMALL,
+    ]
+
+
 if __name__ == "__main__":
     _serve_emulator(sys.argv[1:])

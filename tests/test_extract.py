@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from jobs.cli import main
-from sae import activation_store, activations, lm, manifest, sharding, storage, token_shards
+from sae import activation_store, activations, lm, manifest, sharding, token_shards
 
-from .conftest import SMALL
+from .conftest import reuse_run
 
 pytestmark = pytest.mark.slow
 
@@ -48,13 +48,8 @@ def test_truncated_and_multi_layer_taps_equal_the_full_model(backbone, first_bat
 
 
 def _args(local_run, workdir, *extra):
-    storage.upload_tree(str(local_run / "tokens"), str(workdir / "tokens"))
     return [
-        f"workdir={workdir}",
-        "demo.enabled=false",
-        f"model.preset={local_run / 'model'}",
-        f"tokenize.input={local_run / 'corpus'}",
-        *SMALL,
+        *reuse_run(local_run, workdir),
         "extract.layers=[0, 1]",
         "extract.chunk_rows=512",
         "extract.lm_batch_size=8",

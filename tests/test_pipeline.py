@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 from jobs.cli import main
 from sae import manifest, storage
 
-from .conftest import SMALL, SMALL_SAES
+from .conftest import SMALL, SMALL_SAES, reuse_run
 
 pytestmark = pytest.mark.slow
 
@@ -70,15 +70,7 @@ def test_rerun_does_nothing_and_a_changed_config_reruns_only_its_stage(local_run
 
 
 def _train_workdir(local_run: Path, target: Path) -> list[str]:
-    storage.upload_tree(str(local_run / "tokens"), str(target / "tokens"))
-    return [
-        f"workdir={target}",
-        "demo.enabled=false",
-        f"model.preset={local_run / 'model'}",
-        f"tokenize.input={local_run / 'corpus'}",
-        *SMALL,
-        "train.checkpoint_every=10",
-    ]
+    return [*reuse_run(local_run, target), "train.checkpoint_every=10"]
 
 
 def test_preempted_training_resumes_to_the_same_weights(local_run, tmp_path):

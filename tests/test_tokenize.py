@@ -221,20 +221,20 @@ def test_progress_counts_each_record_once(tmp_path, proto):
 
 
 def test_tokenizer_from_a_sentencepiece_file_or_preset(tmp_path, proto):
-    from jobs.tokenize import tokenizer_proto
+    from sae.lm import chosen_tokenizer_proto
 
     model = tmp_path / "tok.model"
     model.write_bytes(proto)
-    assert tokenizer_proto(str(model), "unused-preset") == proto
+    assert chosen_tokenizer_proto(str(model), "unused-preset") == proto
     preset = tmp_path / "preset"
     (preset / "assets" / "tokenizer").mkdir(parents=True)
     (preset / "assets" / "tokenizer" / "vocabulary.spm").write_bytes(proto)
-    assert tokenizer_proto(str(preset), "unused-preset") == proto
-    assert tokenizer_proto("", str(preset)) == proto
+    assert chosen_tokenizer_proto(str(preset), "unused-preset") == proto
+    assert chosen_tokenizer_proto("", str(preset)) == proto
     with pytest.raises(InputError, match="tokenizer file not found: .*missing.spm$"):
-        tokenizer_proto(str(tmp_path / "missing.spm"), "unused")
+        chosen_tokenizer_proto(str(tmp_path / "missing.spm"), "unused")
     with pytest.raises(InputError, match="neither a SentencePiece model file"):
-        tokenizer_proto(str(tmp_path / "nothing"), "unused")
+        chosen_tokenizer_proto(str(tmp_path / "nothing"), "unused")
 
 
 def test_tokenize_stage_with_a_tokenizer_file_parquet_and_eos(tmp_path, proto):

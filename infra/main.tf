@@ -1,11 +1,13 @@
-# Shared cloud resources for gemma-sae: APIs, the data bucket, the image repository and the
-# least-privilege service account that TPU v5e VMs run as. TPU VMs and scheduled retraining
-# are not managed here yet.
+# gemma-sae on Cloud TPU v5e: the APIs, the data bucket (storage.tf), the image repository
+# (artifact_registry.tf), a private network for the TPU VMs (network.tf), least-privilege
+# service accounts (iam.tf), optional TPU VMs (tpu.tf, none by default) and scheduled
+# retraining (retrain.tf: a manual Cloud Build trigger fired by Cloud Scheduler).
 
 locals {
   apis = toset([
     "artifactregistry.googleapis.com",
     "cloudbuild.googleapis.com",
+    "cloudscheduler.googleapis.com",
     "compute.googleapis.com",
     "iam.googleapis.com",
     "logging.googleapis.com",
@@ -14,8 +16,12 @@ locals {
     "tpu.googleapis.com",
   ])
 
-  repository_url     = "${google_artifact_registry_repository.images.location}-docker.pkg.dev/${google_artifact_registry_repository.images.project}/${google_artifact_registry_repository.images.repository_id}"
-  tpu_runtime_member = "serviceAccount:${google_service_account.tpu_runtime.email}"
+  repository_url      = "${google_artifact_registry_repository.images.location}-docker.pkg.dev/${google_artifact_registry_repository.images.project}/${google_artifact_registry_repository.images.repository_id}"
+  tpu_runtime_member  = "serviceAccount:${google_service_account.tpu_runtime.email}"
+  orchestrator_member = "serviceAccount:${google_service_account.orchestrator.email}"
+
+  # Scheduled retraining is set up once a source repository is named (a manual trigger needs one).
+  retrain_enabled = var.retrain_source != ""
 }
 
 resource "google_project_service" "enabled" {

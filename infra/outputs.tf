@@ -19,12 +19,43 @@ output "tpu_image" {
 }
 
 output "tpu_service_account_email" {
-  description = "Service account for TPU VMs (gcloud ... --service-account)."
+  description = "Service account that TPU VMs run as (gcloud ... --service-account)."
   value       = google_service_account.tpu_runtime.email
 }
 
+output "orchestrator_service_account_email" {
+  description = "Service account that may create and delete TPU VMs running as the TPU runtime account (impersonate it to submit jobs: gcloud --impersonate-service-account)."
+  value       = google_service_account.orchestrator.email
+}
+
+output "tpu_network" {
+  description = "Network and subnetwork names for TPU VMs (gcloud ... --network --subnetwork --internal-ips)."
+  value = {
+    network    = google_compute_network.tpu.name
+    subnetwork = google_compute_subnetwork.tpu.name
+  }
+}
+
+output "startup_script_template" {
+  description = "Path of the TPU VM startup script template (variables image, stage, config, overrides, workdir)."
+  value       = "${path.module}/templates/startup.sh.tftpl"
+}
+
+output "tpu_vms" {
+  description = "TPU VMs managed by Terraform (var.tpu_vms): name => zone, accelerator type, spot, stage and workdir."
+  value = {
+    for name, vm in google_tpu_v2_vm.job : name => {
+      zone             = vm.zone
+      accelerator_type = vm.accelerator_type
+      spot             = local.tpu_vms[name].spot
+      stage            = var.tpu_vms[name].stage
+      workdir          = var.tpu_vms[name].workdir
+    }
+  }
+}
+
 output "tpu_queued_resource_command" {
-  description = "gcloud command that requests a TPU v5e slice running as the runtime service account (TPU VMs are not managed by Terraform yet)."
+  description = "gcloud command that requests a TPU v5e slice on the private network, running as the runtime service account; add --metadata-from-file=startup-script=FILE with a rendered startup_script_template to run a stage on every worker."
   value = join(" ", compact([
     "gcloud compute tpus queued-resources create ${var.tpu_name}",
     "--project=${var.project_id}",
@@ -33,6 +64,23 @@ output "tpu_queued_resource_command" {
     "--accelerator-type=${var.tpu_accelerator_type}",
     "--runtime-version=${var.tpu_runtime_version}",
     "--service-account=${google_service_account.tpu_runtime.email}",
+    "--network=${google_compute_network.tpu.name}",
+    "--subnetwork=${google_compute_subnetwork.tpu.name}",
+    "--internal-ips",
     var.tpu_spot ? "--spot" : "",
   ]))
+}
+
+output "retrain_trigger" {
+  description = "The retraining Cloud Build trigger (null unless retrain_source is set); run it by hand with: gcloud builds triggers run NAME --region=LOCATION."
+  value = local.retrain_enabled ? {
+    name     = google_cloudbuild_trigger.retrain[0].name
+    location = google_cloudbuild_trigger.retrain[0].location
+    id       = google_cloudbuild_trigger.retrain[0].trigger_id
+  } : null
+}
+
+output "retrain_schedule" {
+  description = "When Cloud Scheduler runs the retraining trigger (null unless retrain_source is set)."
+  value       = local.retrain_enabled ? "${google_cloud_scheduler_job.retrain[0].schedule} (${google_cloud_scheduler_job.retrain[0].time_zone})" : null
 }

@@ -20,7 +20,7 @@ provider "google" {
   default_labels = var.labels
 }
 
-# Cloud TPU VMs and queued resources (added later) are google-beta resources.
+# Cloud TPU VMs (google_tpu_v2_vm in tpu.tf) are google-beta resources.
 provider "google-beta" {
   project        = var.project_id
   region         = var.region

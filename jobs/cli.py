@@ -2,6 +2,10 @@
 
     gemma-sae pipeline                          # the tiny local run (configs/local.yaml)
     gemma-sae train --config configs/gemma2-2b-v5e-8.yaml train.steps=1000
+    gemma-sae steer --sae runs/local/sae/topk-L2-x8-k32 --feature 3 --strength 40 --prompt Hi
+
+Stages share the config and its overrides; tools (`steer`, `import-gemma-scope`, `submit`)
+take their own arguments (`gemma-sae steer --help`).
 
 Problems the user can fix print one line (`error: ...`) and exit 2; a preempted training
 run exits 75 so that a supervisor retries it.
@@ -12,8 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 STAGES = ("demo", "tokenize", "extract", "train", "report", "pipeline")
+# Tool commands: their module's `main(argv)` parses the rest of the command line itself.
+TOOLS = {
+    "steer": "jobs.steer",
+    "import-gemma-scope": "jobs.import_sae",
+    "submit": "jobs.submit",
+}
 
 
 def _prepare_environment() -> None:
@@ -29,7 +40,10 @@ def _prepare_environment() -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gemma-sae", description="Train sparse autoencoders on Gemma activations."
+        prog="gemma-sae",
+        description="Train sparse autoencoders on Gemma activations.",
+        epilog="tools, each with its own arguments (see `gemma-sae TOOL --help`): "
+        + ", ".join(TOOLS),
     )
     parser.add_argument("stage", choices=STAGES, help="which stage to run")
     parser.add_argument(
@@ -46,16 +60,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:
+        return _guarded(lambda: _run_tool(argv[0], argv[1:]))
     args = _parser().parse_args(argv)
+
+    def stage() -> None:
+        from jobs.common import init_distributed
+        from sae.config import load
+
+        init_distributed()
+        _dispatch(args.stage, load(args.config, args.overrides), args.force)
+
+    return _guarded(stage)
+
+
+def _guarded(body: Callable[[], None]) -> int:
+    """Run a stage or tool with the exit codes the supervisor and users rely on."""
     _prepare_environment()
-    from jobs.common import PREEMPTED_EXIT_CODE, Preempted, init_distributed
-    from sae.config import load
+    from jobs.common import PREEMPTED_EXIT_CODE, Preempted
     from sae.errors import SaeError
 
     try:
-        init_distributed()
-        config = load(args.config, args.overrides)
-        _dispatch(args.stage, config, args.force)
+        body()
     except SaeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -65,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _run_tool(name: str, argv: list[str]) -> None:
+    import importlib
+
+    # Imported only when asked for, so one tool's imports never slow or break the others.
+    importlib.import_module(TOOLS[name]).main(argv)
 
 
 def _dispatch(stage: str, config, force: bool) -> None:

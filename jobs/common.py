@@ -31,7 +31,8 @@ def init_distributed() -> None:
 
     On a multi-host TPU VM slice (v5e-16 and up) JAX finds its peers from the TPU metadata;
     elsewhere JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID name them. A
-    single host needs nothing.
+    single host needs nothing. Several CPU processes (the multi-host test) talk over gloo,
+    jax's default `jax_cpu_collectives_implementation`, so nothing is set for them either.
     """
     import jax
 
@@ -77,7 +78,9 @@ def run_stage(
         manifest.write(
             output_uri, stage, config, inputs, result.counts, result.outputs, result.extra
         )
-    log(stage, f"done: {manifest.manifest_uri(output_uri)}")
+        log(stage, f"done: {manifest.manifest_uri(output_uri)}")
+    else:
+        log(stage, f"done; {manifest.manifest_uri(output_uri)} is written by process 0")
     return True
 
 

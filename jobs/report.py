@@ -1,17 +1,37 @@
-"""The report stage: held-out evaluation, an HTML feature page, features JSON, steering vectors."""
+"""The report stage: held-out evaluation, feature dashboards, features JSON, steering vectors."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import numpy as np
 import sentencepiece as spm
+from jax.sharding import Mesh
 
 from jobs.common import StageOutput, log, require_manifest, run_stage
-from sae import evaluation, features, lm, manifest, report_html, sae_io, sharding, steering, storage
+from sae import (
+    evaluation,
+    feature_report,
+    features,
+    lm,
+    logit_effects,
+    manifest,
+    plots,
+    report_html,
+    sae_io,
+    sharding,
+    spliced,
+    steering,
+    storage,
+)
 from sae.config import PipelineConfig
 from sae.errors import InputError
 from sae.progress import Progress
 from sae.token_shards import iter_sequences
+
+# Tokens listed per feature as raised and as lowered most by its decoder direction.
+LOGIT_EFFECTS_TOP = 10
 
 
 def run(config: PipelineConfig, force: bool = False) -> None:
@@ -53,11 +73,7 @@ def _load_saes(config: PipelineConfig, train_manifest: dict) -> tuple[dict[str, 
     lm.check_layers(preset, [sae_cfg["layer"] for _, _, sae_cfg in loaded.values()])
     hidden = int(lm.backbone_config(preset)["hidden_dim"])
     for name, (sae, _, sae_cfg) in loaded.items():
-        if hidden != sae_cfg["d_in"]:
-            raise InputError(
-                f"the SAE {name} reads d_model={sae_cfg['d_in']} but the "
-                f"model at {preset} has hidden size {hidden}"
-            )
+        sae_io.check_model_dim(sae_cfg, hidden, name, preset)
         out_of_range = [i for i in config.report.steering_features if i >= sae.d_sae]
         if out_of_range:
             raise InputError(
@@ -72,7 +88,12 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
     saes, preset = _load_saes(config, require_manifest(config.sae_uri, "train"))
     layers = sorted({sae_cfg["layer"] for _, _, sae_cfg in saes.values()})
     mesh = sharding.make_mesh(config.train.mesh_data, 1)
-    tap = lm.ActivationTap(lm.load_backbone(preset, config.model.dtype), layers, mesh)
+    backbone = lm.load_backbone(preset, config.model.dtype)
+    if cfg.spliced_sequences:
+        # Before the long evaluation, not after it.
+        lm.check_gemma(backbone, "; set report.spliced_sequences=0 to skip the spliced metrics")
+    tap = lm.ActivationTap(backbone, layers, mesh)
+    bos_id = tokens_manifest["tokenizer"]["bos_id"]
     models = [
         evaluation.EvalModel(sae, params, layers.index(sae_cfg["layer"]))
         for sae, params, sae_cfg in saes.values()
@@ -83,13 +104,18 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
         iter_sequences(eval_shards),
         tap,
         config.train.lm_batch_size,
-        tokens_manifest["tokenizer"]["bos_id"],
+        bos_id,
         cfg.eval_tokens,
         cfg.top_contexts,
         progress,
     )
     progress.close()
+    del tap  # its device copy of the weights; the spliced pass makes its own
+    if cfg.spliced_sequences:
+        _add_spliced_metrics(config, backbone, saes, results, eval_shards, bos_id, mesh)
     processor = spm.SentencePieceProcessor(model_proto=lm.tokenizer_proto(preset))
+    w_u = logit_effects.unembedding(backbone)
+    training_log = plots.read_training_log(storage.join(config.sae_uri, "metrics.jsonl"))
     files: list[str] = []
     overview: list[dict] = []
     all_metrics: dict[str, dict] = {}
@@ -99,7 +125,9 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
             f"{name} held-out: "
             + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)),
         )
-        files += _report_one(config, name, sae, params, sae_cfg, result, processor)
+        files += _report_one(
+            config, name, sae, params, sae_cfg, result, processor, w_u, training_log
+        )
         all_metrics[name] = result.metrics
         overview.append(
             {
@@ -122,6 +150,34 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
     return StageOutput(counts, files + list(summary_files.values()))
 
 
+def _add_spliced_metrics(
+    config: PipelineConfig,
+    backbone: Any,
+    saes: dict[str, tuple],
+    results: list[evaluation.EvalResult],
+    eval_shards: list[str],
+    bos_id: int,
+    mesh: Mesh,
+) -> None:
+    """CE loss recovered, delta LM loss and KL of every SAE, one model pass per layer for all
+    the SAEs reading it, on the first `report.spliced_sequences` held-out sequences."""
+    by_layer: dict[int, list[int]] = {}
+    for i, (_, _, sae_cfg) in enumerate(saes.values()):
+        by_layer.setdefault(sae_cfg["layer"], []).append(i)
+    entries = list(saes.values())
+    count = config.report.spliced_sequences
+    for layer, indices in sorted(by_layer.items()):
+        models = [spliced.sae_model(entries[i][0], entries[i][1]) for i in indices]
+        loss = spliced.SplicedLoss(backbone, layer, models, mesh, bos_id)
+        progress = Progress(f"report spliced L{layer}", count, unit="seq")
+        sums = spliced.evaluate_spliced(
+            loss, iter_sequences(eval_shards), config.train.lm_batch_size, count, progress
+        )
+        progress.close()
+        for position, i in enumerate(indices):
+            results[i].metrics.update(sums.metrics(position))
+
+
 def _report_one(
     config: PipelineConfig,
     name: str,
@@ -130,14 +186,18 @@ def _report_one(
     sae_cfg: dict,
     result: evaluation.EvalResult,
     processor: spm.SentencePieceProcessor,
+    w_u: np.ndarray,
+    training_log: list[dict],
 ) -> list[str]:
-    """metrics.json, features.json, index.html and steering vectors of one SAE."""
+    """metrics.json, the feature report (features.json, dashboard, plots: see
+    sae.feature_report) and steering vectors of one SAE."""
     cfg = config.report
     output = storage.join(config.report_uri, name)
     preset = sae_cfg["model_preset"]
     metrics = {"split": "eval (held out by tokenize; never trained on)", **result.metrics}
     shown = features.most_active(result, cfg.max_features)
-    summaries = features.feature_summaries(result, processor, cfg.context_window, shown)
+    effects = logit_effects.top_logit_effects(params["W_dec"], w_u, shown, LOGIT_EFFECTS_TOP)
+    summaries = features.feature_summaries(result, processor, cfg.context_window, shown, effects)
     sae_dir = storage.join(config.sae_uri, name)
     run_info = {
         "model": preset,
@@ -160,15 +220,14 @@ def _report_one(
     }
     files = {
         "metrics": storage.join(output, "metrics.json"),
-        "features": storage.join(output, "features.json"),
-        "html": storage.join(output, "index.html"),
         "steering": storage.join(output, "steering", "vectors.safetensors"),
         "steering_index": storage.join(output, "steering", "vectors.json"),
     }
     storage.write_json(files["metrics"], metrics)
-    storage.write_json(files["features"], {"run": run_info, "features": summaries})
     title = f"SAE report: {name} ({sae_cfg['hook_name']})"
-    storage.write_text(files["html"], report_html.render(title, metrics, run_info, summaries))
+    written = feature_report.write(
+        output, name, title, metrics, run_info, result, summaries, training_log
+    )
     steering.save(files["steering"], vectors, strengths, chosen, metadata)
     storage.write_json(
         files["steering_index"],
@@ -180,4 +239,4 @@ def _report_one(
             ],
         },
     )
-    return list(files.values())
+    return list(files.values()) + written

@@ -6,6 +6,15 @@ streaming source replays its seeded stream to the checkpoint's position, the .np
 computes it directly, so a resumed run sees exactly the batches a straight run would. SIGTERM
 (a spot TPU's preemption notice) saves a checkpoint and exits with code 75 so a supervisor
 knows to retry.
+
+Several hosts (jax.distributed) train one set of SAEs on global batches that each host
+contributes its devices' rows to. From a store (or .npy files) every host reads the same seeded
+stream and keeps its rows of each batch, so the batches are exactly one host's. Streaming, host
+p runs the model over train shards p::n (train.lm_batch_size sequences per host and forward)
+into its own shuffle buffer, epochs repeating as on one host; the hosts agree on the forwards
+before each step (activations.LockstepBatches) and on when to stop after a SIGTERM. All hosts
+save and restore the checkpoints (Orbax coordinates them); process 0 alone writes the metrics,
+the SAEs and the manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jobs.common import Preempted, StageOutput, log, require_manifest, run_stage
 from sae import (
@@ -37,7 +47,16 @@ from sae.errors import ConfigError, InputError
 from sae.metrics_log import MetricsLog
 from sae.optimizer import OptimizerSettings
 from sae.progress import Progress
-from sae.training import LoopHooks, Member, Trainer, TrainState, run_loop
+from sae.training import (
+    HostMax,
+    LoopHooks,
+    Member,
+    Trainer,
+    TrainState,
+    agreed_stop,
+    run_loop,
+    to_host,
+)
 
 # Keys that change how a run is observed, not what it computes: a checkpoint written under
 # other values of these can still be resumed.
@@ -58,14 +77,42 @@ class Source:
 
 def _check_mesh(cfg: TrainConfig, mesh, d_model: int) -> None:
     data, model = mesh.devices.shape
-    for key in ("batch_size", "lm_batch_size"):
-        if getattr(cfg, key) % data:
+    # With several hosts, each runs the model on lm_batch_size sequences of its own.
+    lm_split = data if jax.process_count() == 1 else len(_host_data_positions(mesh))
+    for key, split in (("batch_size", data), ("lm_batch_size", lm_split)):
+        if getattr(cfg, key) % split:
             raise ConfigError(
                 f"train.{key}={getattr(cfg, key)} is not divisible by the mesh's "
-                f"data axis ({data} devices)"
+                f"data axis ({split} devices{' on this host' if split != data else ''})"
             )
     for index, sae_cfg in enumerate(cfg.saes):
         sae_cfg.check_against_model(f"train.saes[{index}]", d_model, model)
+    if jax.process_count() > 1:
+        _check_hosts(cfg, mesh)
+
+
+def _host_data_positions(mesh) -> set[int]:
+    local = set(mesh.local_devices)
+    return {row for row, devices in enumerate(mesh.devices) if local & set(devices)}
+
+
+def _check_hosts(cfg: TrainConfig, mesh) -> None:
+    """Every host feeds the mesh its share of each batch: so each needs equally many of its
+    devices on it; streaming, each host's rows are its own, so no position of the data axis
+    may span two hosts (the model axis must stay within a host)."""
+    processes = jax.process_count()
+    if len(mesh.local_devices) * processes != mesh.devices.size:
+        raise ConfigError(
+            f"train mesh {mesh.devices.shape[0]}x{mesh.devices.shape[1]} does not take the same "
+            f"number of devices from each of the {processes} hosts: use mesh_data=-1"
+        )
+    if cfg.source == "stream":
+        for row in mesh.devices:
+            if len({device.process_index for device in row}) > 1:
+                raise ConfigError(
+                    f"train.mesh_model={cfg.mesh_model} spans hosts; streaming needs the model "
+                    "axis within one host (or train from an activation store)"
+                )
 
 
 def _resume_key(cfg: TrainConfig, inputs: dict[str, str]) -> str:
@@ -99,6 +146,12 @@ def _open_source(config: PipelineConfig) -> Source:
         inputs = {"activations": manifest.fingerprint(config.activations_uri)}
         return Source(rows.d_model, inputs, store_manifest, store=rows)
     tokens_manifest = require_manifest(config.tokens_uri, "tokenize")
+    shards, processes = len(tokens_manifest["shards"]["train"]), jax.process_count()
+    if shards < processes:
+        raise InputError(
+            f"{shards} train shard(s) for {processes} hosts: each host streams its own shards; "
+            "tokenize into at least as many shards as hosts"
+        )
     lm.check_layers(config.preset_uri, cfg.layers)
     hidden = int(lm.backbone_config(config.preset_uri)["hidden_dim"])
     inputs = {
@@ -117,7 +170,9 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     def body() -> StageOutput:
         return _train(config, source, mesh)
 
-    run_stage("train", config.sae_uri, dataclasses.asdict(cfg), source.inputs, body, force)
+    primary = jax.process_index() == 0
+    section = dataclasses.asdict(cfg)
+    run_stage("train", config.sae_uri, section, source.inputs, body, force, writes_manifest=primary)
 
 
 def build_sae(sae_cfg: SaeConfig, cfg: TrainConfig, d_model: int) -> SparseAutoencoder:
@@ -169,47 +224,100 @@ def build_members(cfg: TrainConfig, d_model: int, by_layer: bool) -> dict[str, M
     return members
 
 
-def _batches(config: PipelineConfig, source: Source, mesh, start_step: int) -> Iterator:
+def _batches(
+    config: PipelineConfig, source: Source, trainer: Trainer, start_step: int
+) -> Iterator[np.ndarray | jax.Array]:
+    """The batches from `start_step` on: numpy on one host, global arrays on several."""
+    cfg = config.train
+    if jax.process_count() == 1:
+        return _host_batches(config, source, trainer, start_step, None)
+    host_rows = trainer.host_rows(cfg.batch_size)
+    local = _host_batches(config, source, trainer, start_step, host_rows)
+    return (trainer.put_batch(rows, cfg.batch_size) for rows in local)
+
+
+def _host_batches(
+    config: PipelineConfig,
+    source: Source,
+    trainer: Trainer,
+    start_step: int,
+    host_rows: list[slice] | None,
+) -> Iterator[np.ndarray]:
+    """This host's rows of each batch from `start_step` on (`host_rows` of each; all of them
+    when None)."""
     cfg = config.train
     if source.npy is not None:
-        return activation_files.random_batches(source.npy, cfg.batch_size, cfg.seed, start_step)
+        return _npy_batches(source.npy, cfg.batch_size, cfg.seed, start_step, host_rows)
     if source.store is not None:
         reader = activation_store.ShuffledReader(
             source.store, cfg.batch_size, cfg.shuffle_buffer, cfg.seed
         )
-        return reader.batches(start_step)
-    backbone = lm.load_backbone(config.preset_uri, config.model.dtype)
-    tap = lm.ActivationTap(backbone, cfg.layers, mesh)
-    stream = activations.training_batches(
-        source.tokens_manifest["shards"]["train"],
-        tap,
-        tap.hidden_dim * len(cfg.layers),
-        cfg.lm_batch_size,
-        cfg.batch_size,
-        cfg.shuffle_buffer,
-        source.tokens_manifest["tokenizer"]["bos_id"],
-        cfg.seed,
-    )
+        return reader.batches(start_step, host_rows)
+    stream = _stream(config, source, trainer, host_rows)
     if start_step:
         log("train", f"replaying the activation stream to step {start_step}")
     return itertools.islice(stream, start_step, None)
 
 
+def _npy_batches(
+    rows: activation_files.NpyRows,
+    batch_size: int,
+    seed: int,
+    start_step: int,
+    host_rows: list[slice] | None,
+) -> Iterator[np.ndarray]:
+    if host_rows is None:
+        return activation_files.random_batches(rows, batch_size, seed, start_step)
+    return (
+        rows.read(np.concatenate([indices[r] for r in host_rows]))
+        for step in itertools.count(start_step)
+        for indices in [activation_files.batch_rows(step, batch_size, rows.num_rows, seed)]
+    )
+
+
+def _stream(
+    config: PipelineConfig, source: Source, trainer: Trainer, host_rows: list[slice] | None
+) -> Iterator[np.ndarray]:
+    """Shuffled batches of activations of the model over this host's train shards, in
+    lockstep with the other hosts."""
+    cfg = config.train
+    process, processes = jax.process_index(), jax.process_count()
+    backbone = lm.load_backbone(config.preset_uri, config.model.dtype)
+    tap = lm.ActivationTap(backbone, cfg.layers, trainer.mesh)
+    if host_rows is None:
+        seed, host_max, batch_size = cfg.seed, int, cfg.batch_size
+    else:
+        # Each host its own shuffle (of its own shards); one host alone keeps train.seed.
+        seed = int(np.random.SeedSequence([cfg.seed, process]).generate_state(1)[0])
+        host_max, batch_size = HostMax(trainer.mesh), sum(r.stop - r.start for r in host_rows)
+    return activations.training_batches(
+        source.tokens_manifest["shards"]["train"][process::processes],
+        tap,
+        tap.hidden_dim * len(cfg.layers),
+        cfg.lm_batch_size,
+        batch_size,
+        # The buffer is shared out like the batch: together the hosts hold shuffle_buffer rows.
+        cfg.shuffle_buffer * batch_size // cfg.batch_size,
+        source.tokens_manifest["tokenizer"]["bos_id"],
+        seed,
+        host_max,
+    )
+
+
 def _train(config: PipelineConfig, source: Source, mesh) -> StageOutput:
     cfg, output = config.train, config.sae_uri
     resume_key = _resume_key(cfg, source.inputs)
-    if manifest.read(output) is not None:
-        # A finished run under another config or input: this is a re-run, start over.
-        storage.delete_tree(output)
+    _clear_finished(output)
     checkpoints = Checkpointer(storage.join(output, "checkpoints"))
     start_step = _resume_step(checkpoints, resume_key)
     members = build_members(cfg, source.d_model, by_layer=source.npy is None)
     trainer = Trainer(members, mesh, cfg.dead_window_tokens)
-    batches = _batches(config, source, mesh, start_step or 0)
+    batches = _batches(config, source, trainer, start_step or 0)
 
     if start_step is None:
         first = next(batches)
-        states = trainer.init_state(cfg.seed, first)
+        # Initialised from the whole first batch (every host the same), as on one host.
+        states = trainer.init_state(cfg.seed, to_host(first))
         batches = itertools.chain([first], batches)
         summary = ", ".join(f"{n} ({m.sae.d_model}->{m.sae.d_sae})" for n, m in members.items())
         log("train", f"fresh run on mesh {dict(mesh.shape)}: {summary}")
@@ -219,7 +327,7 @@ def _train(config: PipelineConfig, source: Source, mesh) -> StageOutput:
 
     progress = Progress("train", cfg.steps * cfg.batch_size)
     progress.done = (start_step or 0) * cfg.batch_size
-    metrics_log = MetricsLog(output)
+    metrics_log = MetricsLog(output) if jax.process_index() == 0 else _NoMetricsLog()
     last_metrics: dict[str, float] = {}
     stop_requested = {"flag": False}
     headline = next(iter(members))
@@ -250,8 +358,14 @@ def _train(config: PipelineConfig, source: Source, mesh) -> StageOutput:
     previous_handler = signal.signal(
         signal.SIGTERM, lambda *_: stop_requested.__setitem__("flag", True)
     )
+
+    def should_stop() -> bool:
+        return stop_requested["flag"]
+
+    if jax.process_count() > 1:
+        should_stop = agreed_stop(should_stop, HostMax(mesh))
     try:
-        hooks = LoopHooks(on_metrics, on_checkpoint, lambda: stop_requested["flag"])
+        hooks = LoopHooks(on_metrics, on_checkpoint, should_stop)
         states = run_loop(
             trainer,
             states,
@@ -272,6 +386,31 @@ def _train(config: PipelineConfig, source: Source, mesh) -> StageOutput:
     return _export(config, source, members, states, last_metrics)
 
 
+class _NoMetricsLog:
+    """The metrics of a host other than process 0: process 0 writes them (they are the same)."""
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _clear_finished(output: str) -> None:
+    """A finished run under another config or input: this is a re-run, start over. With
+    several hosts, process 0 deletes once all have looked."""
+    finished = manifest.read(output) is not None
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("train: output read")
+    if finished and jax.process_index() == 0:
+        storage.delete_tree(output)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("train: output cleared")
+
+
 def _export(
     config: PipelineConfig,
     source: Source,
@@ -282,33 +421,35 @@ def _export(
     """Each SAE in raw activation units (input scale folded in) under sae/<name>/."""
     cfg, output = config.train, config.sae_uri
     outputs, exported = [], {}
+    # .npy rows come with neither a model nor a text corpus to name.
+    from_text = source.npy is None
+    model_name = sae_io.model_name(config.preset_uri) if from_text else None
     for sae_cfg in cfg.saes:
         name = sae_cfg.display_name()
         sae, state = members[name].sae, states[name]
-        weights = jax.tree.map(np.asarray, sae.export_weights({**state.params, **state.buffers}))
+        weights = to_host(sae.export_weights({**state.params, **state.buffers}))
         scale = float(state.input_scale)
-        sequence_length = (source.tokens_manifest or {}).get("sequence_length")
-        exported[name] = {
-            **sae.export_config(),
-            "name": name,
-            "d_in": sae.d_model,
-            "d_sae": sae.d_sae,
-            "dtype": "float32",
-            "apply_b_dec_to_input": True,
-            "normalize_activations": "none",
-            "input_scale_folded": scale,
-            "layer": sae_cfg.layer,
-            "hook_name": f"blocks.{sae_cfg.layer}.hook_resid_post",
-            "keras_hub_layer": f"decoder_block_{sae_cfg.layer}",
-            "model_preset": config.preset_uri,
-            "activation_source": cfg.source,
-            "context_size": sequence_length,
-            "prepend_bos": True,
-            "training_tokens": cfg.steps * cfg.batch_size,
-            "training_config": dataclasses.asdict(sae_cfg),
-        }
+        provenance = sae_io.Provenance(
+            layer=sae_cfg.layer,
+            model_preset=config.preset_uri,
+            model_name=model_name,
+            context_size=(source.tokens_manifest or {}).get("sequence_length"),
+            dataset_path=config.corpus_uri if from_text else None,
+            training_tokens=cfg.steps * cfg.batch_size,
+        )
+        exported[name] = sae_io.build_config(
+            sae.export_config(),
+            sae.d_model,
+            sae.d_sae,
+            provenance,
+            name=name,
+            input_scale_folded=scale,
+            activation_source=cfg.source,
+            training_config=dataclasses.asdict(sae_cfg),
+        )
         folded = sae_io.fold_input_scale(weights, scale)
-        outputs += sae_io.save(storage.join(output, name), folded, exported[name])
+        if jax.process_index() == 0:  # every host has the weights; one writes them
+            outputs += sae_io.save(storage.join(output, name), folded, exported[name])
     counts = {
         "steps": cfg.steps,
         "tokens": cfg.steps * cfg.batch_size,

@@ -127,7 +127,9 @@ class PartWriter:
             raise ValueError(f"more rows than the capacity {self.arrays[0].shape[0]}")
         for index, array in enumerate(self.arrays):
             columns = chunk[:, index * self.d_model : (index + 1) * self.d_model]
-            self.norm_sums[index] += float(np.linalg.norm(columns, axis=1).astype(np.float64).sum())
+            # Rows may come as bfloat16 (a bfloat16 model's tap): the norms are taken in fp32.
+            norms = np.linalg.norm(columns.astype(np.float32), axis=1)
+            self.norm_sums[index] += float(norms.astype(np.float64).sum())
             self.pending.append(array[start : start + count].write(columns.astype(self.dtype)))
         self.rows += count
         # Bound what is in flight: host memory stays flat however long the run.
@@ -251,12 +253,18 @@ class ShuffledReader:
             yield rows[order[skip:]]
             current, reads = upcoming, upcoming_reads
 
-    def batches(self, start_step: int = 0) -> Iterator[np.ndarray]:
+    def batches(
+        self, start_step: int = 0, rows: Sequence[slice] | None = None
+    ) -> Iterator[np.ndarray]:
+        """Batches from step `start_step` on. With several hosts, every host reads the same
+        stream and keeps `rows` of each batch (its devices' share, see Trainer.host_rows), so
+        the hosts' shares make up exactly the batch one host alone would train on."""
         queue = _RowQueue()
-        for rows in self._stream(start_step * self.batch_size):
-            queue.push(rows)
+        for block in self._stream(start_step * self.batch_size):
+            queue.push(block)
             while queue.size >= self.batch_size:
-                yield queue.pop(self.batch_size)
+                batch = queue.pop(self.batch_size)
+                yield batch if rows is None else np.concatenate([batch[r] for r in rows])
 
 
 def open_store(store_uri: str, layers: Sequence[int]) -> tuple[StoreRows, dict]:

@@ -11,6 +11,9 @@ from sae import storage
 
 
 class Checkpointer:
+    """With several hosts every host makes one and calls save and restore alike: Orbax
+    writes each host's shards and has the primary host write the metadata and the record."""
+
     def __init__(self, directory_uri: str, max_to_keep: int = 2) -> None:
         self.directory_uri = directory_uri
         options = ocp.CheckpointManagerOptions(

@@ -321,13 +321,18 @@ class ReportConfig:
     context_window: int = 10
     # Features listed in the HTML report (most frequently active first); 0 lists every live one.
     max_features: int = 300
-    # Features to export steering vectors for; empty picks the `num_steering` most active.
+    # Features to export steering vectors for; empty picks the `num_steering` most active
+    # (0: every live feature).
     steering_features: list[int] = field(default_factory=list)
     num_steering: int = 16
+    # Held-out sequences for the spliced metrics (CE loss recovered, delta LM loss, KL): the
+    # model re-run with each SAE's reconstruction in place of its layer's output (and with it
+    # zero-ablated). Costs about (2 + SAEs per layer) forward passes per sequence; 0 skips them.
+    spliced_sequences: int = 64
 
     def validate(self) -> None:
-        _positive(self, "eval_tokens", "top_contexts", "num_steering")
-        _non_negative(self, "context_window", "max_features")
+        _positive(self, "eval_tokens", "top_contexts")
+        _non_negative(self, "context_window", "max_features", "num_steering", "spliced_sequences")
         if any(i < 0 for i in self.steering_features):
             raise ConfigError("report.steering_features must be non-negative feature indices")
 

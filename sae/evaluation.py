@@ -3,7 +3,9 @@
 Metrics follow the field's definitions (see REFERENCE): L0, fraction of variance explained
 over the whole evaluation set, normalised MSE, dead latents (never active on the evaluation
 tokens) and dense latents (active on more than 10% of them). Top-activating examples are
-kept per feature as (sequence, position) references into the evaluated sequences.
+kept per feature as (sequence, position) references into the evaluated sequences. The metrics
+that re-run the model with the SAE spliced in (CE loss recovered, delta LM loss) are in
+`sae.spliced`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sae import feature_stats
 from sae.activations import content_mask, sequence_batches
 from sae.arch.base import SparseAutoencoder
 
@@ -30,10 +33,13 @@ class EvalResult:
     top_values: np.ndarray  # [d_sae, k] descending; 0 where fewer than k activations
     top_refs: np.ndarray  # [d_sae, k, 2] (sequence index, position)
     sequences: list[np.ndarray] = field(default_factory=list)  # evaluated token ids
+    # Histograms and random samples per latent (see sae.feature_stats).
+    feature_stats: feature_stats.FeatureStats | None = None
 
 
 def _batch_statistics(sae: SparseAutoencoder, top_k: int):
-    def statistics(params, x, mask):
+    def statistics(params, x, mask, stats, first_sequence, seq_len):
+        x = x.astype(jnp.float32)  # a bf16 model's activations: sums need float32
         latents = sae.encode(params, x)
         reconstruction = sae.decode(params, latents)
         weight = mask.astype(jnp.float32)
@@ -50,9 +56,9 @@ def _batch_statistics(sae: SparseAutoencoder, top_k: int):
             "max_activations": jnp.max(latents, axis=0),
             "top_values": top_values,
             "top_rows": top_rows,
-        }
+        }, feature_stats.update(stats, latents, first_sequence, seq_len)
 
-    return jax.jit(statistics)
+    return jax.jit(statistics, static_argnums=5, donate_argnums=3)
 
 
 @dataclass
@@ -79,12 +85,19 @@ class _Accumulator:
         self.max_activations = np.zeros(d_sae, np.float32)
         self.top_values = np.zeros((d_sae, top_k), np.float32)
         self.top_refs = np.zeros((d_sae, top_k, 2), np.int64)
+        self.stats = feature_stats.init_state(d_sae)
 
     def add(self, activations: np.ndarray, mask: np.ndarray, first_sequence: int) -> None:
         _, seq_len, d_model = activations.shape
-        out = jax.device_get(
-            self.statistics(self.params, activations.reshape(-1, d_model), mask.reshape(-1))
+        out, self.stats = self.statistics(
+            self.params,
+            activations.reshape(-1, d_model),
+            mask.reshape(-1),
+            self.stats,
+            np.int32(first_sequence),
+            seq_len,
         )
+        out = jax.device_get(out)
         for key in self.sums:
             self.sums[key] += float(out[key])
         self.sum_x += out["sum_x"]
@@ -121,6 +134,7 @@ class _Accumulator:
             self.top_values,
             self.top_refs,
             sequences,
+            feature_stats.FeatureStats.from_state(self.stats),
         )
 
 

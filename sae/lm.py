@@ -2,13 +2,17 @@
 
 The tap is a functional sub-model ending at `decoder_block_<i>`, so blocks after the deepest
 tapped layer are never computed; it runs as one jitted pure function (`stateless_call`) with
-weights replicated and the batch split over the mesh's data axis.
+weights replicated and the batch split over the mesh's data axis. For running the model in
+pieces (an SAE spliced in at one layer), `bound_weights` and the block functions call the
+backbone's own layers one by one as a pure function of its weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +89,66 @@ def chosen_tokenizer_proto(tokenizer: str, preset_uri: str) -> bytes:
     )
 
 
+def check_gemma(backbone: Any, hint: str = "") -> None:
+    """The piecewise forward below rebuilds GemmaBackbone's graph (Gemma 1 and 2)."""
+    import keras_hub
+
+    if not isinstance(backbone, keras_hub.models.GemmaBackbone):
+        raise InputError(
+            f"the model is a {type(backbone).__name__}; running it block by block supports "
+            f"keras-hub's GemmaBackbone (Gemma 1 and 2) only{hint}"
+        )
+
+
+def backbone_weights(backbone: Any) -> list[jax.Array]:
+    """Every variable's value in `backbone.variables` order: the weights that `bound_weights`
+    takes, passed to jitted functions as arguments so they are not baked in as constants."""
+    return [v.value for v in backbone.variables]
+
+
+@contextlib.contextmanager
+def bound_weights(backbone: Any, weights: list[jax.Array]) -> Iterator[None]:
+    """Inside, the backbone's layers compute with `weights` (traced values) instead of their
+    variables, so calling them one by one is a pure function of the weights."""
+    import keras
+
+    mapping = list(zip(backbone.variables, weights, strict=True))
+    with keras.StatelessScope(state_mapping=mapping):
+        yield
+
+
+def run_to_layer(
+    backbone: Any, token_ids: jax.Array, padding_mask: jax.Array, layer: int
+) -> jax.Array:
+    """The residual stream after `decoder_block_<layer>` (what ActivationTap reads), computed
+    as GemmaBackbone does: scaled token embedding, then blocks 0..layer."""
+    from keras import ops
+
+    x = backbone.token_embedding(token_ids)
+    x = x * ops.cast(ops.sqrt(backbone.hidden_dim), x.dtype)
+    return run_blocks(backbone, x, padding_mask, 0, layer + 1)
+
+
+def run_blocks(
+    backbone: Any, x: jax.Array, padding_mask: jax.Array, start: int, stop: int
+) -> jax.Array:
+    """Decoder blocks start..stop-1 on the residual stream x [batch, seq, hidden]."""
+    for block in backbone.transformer_layers[start:stop]:
+        x = block(x, padding_mask=padding_mask)
+    return x
+
+
+def final_logits(backbone: Any, x: jax.Array) -> jax.Array:
+    """Next-token logits from the last block's output: final RMS norm, then the tied embedding
+    in reverse (which applies Gemma 2's final logit soft-cap when the config sets one)."""
+    return backbone.token_embedding(backbone.layer_norm(x), reverse=True)
+
+
 class ActivationTap:
-    """Residual-stream activations after `decoder_block_<layer>` for each requested layer."""
+    """Residual-stream activations after `decoder_block_<layer>` for each requested layer, in
+    the backbone's compute dtype (`dtype`: bfloat16 for a bfloat16 model), so the device-to-host
+    copy is no wider than what the model computed; consumers cast to float32 where they do
+    arithmetic."""
 
     def __init__(self, backbone: Any, layers: list[int], mesh: Mesh) -> None:
         import keras
@@ -94,6 +156,7 @@ class ActivationTap:
         self.layers = list(layers)
         self.mesh = mesh
         self.hidden_dim = int(backbone.hidden_dim)
+        self.dtype = np.dtype(backbone.dtype_policy.compute_dtype)
         outputs = [backbone.get_layer(f"decoder_block_{layer}").output for layer in self.layers]
         self.model = keras.Model(backbone.input, outputs)
         replicated = sharding.replicated(mesh)
@@ -108,6 +171,7 @@ class ActivationTap:
         self._forward = jax.jit(
             self._call, in_shardings=(replicated, batch, batch), out_shardings=batch
         )
+        self._any = jax.jit(jax.numpy.any, in_shardings=batch, out_shardings=replicated)
 
     def _call(self, weights, token_ids: jax.Array, padding_mask: jax.Array) -> list[jax.Array]:
         trainable, non_trainable = weights
@@ -115,17 +179,19 @@ class ActivationTap:
             trainable, non_trainable, {"token_ids": token_ids, "padding_mask": padding_mask}
         )
         outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
-        return [out.astype(jax.numpy.float32) for out in outputs]
+        return [out.astype(self.dtype) for out in outputs]
 
     def device_forward(self, token_ids: jax.Array, padding_mask: jax.Array) -> list[jax.Array]:
         """The jitted forward alone, on (sharded) device arrays: what benchmarks compare with."""
         return self._forward(self._weights, token_ids, padding_mask)
 
     def __call__(self, token_ids: np.ndarray, lengths: np.ndarray) -> list[jax.Array]:
-        """[batch, seq, hidden] float32 activations per tapped layer (this host's sequences).
+        """[batch, seq, hidden] activations (`self.dtype`) per tapped layer (this host's
+        sequences).
 
         Returned as soon as the forward is dispatched: reading them (np.asarray) waits for it,
-        so a caller can dispatch the next batch first and keep the device busy."""
+        so a caller can dispatch the next batch first and keep the device busy. With several
+        hosts every host must call this the same number of times (see `any_host`)."""
         positions = np.arange(token_ids.shape[1])[None, :]
         padding_mask = positions < lengths[:, None]
         inputs = (token_ids.astype(np.int32), padding_mask)
@@ -137,3 +203,12 @@ class ActivationTap:
         else:
             outputs = self.device_forward(*inputs)
         return list(outputs)
+
+    def any_host(self, flag: bool) -> jax.Array:
+        """Whether `flag` is true on any host, as a replicated device bool. Dispatched like a
+        forward (reading it waits only for the work queued before it), so hosts can agree when
+        to stop calling the tap without a blocking barrier per batch."""
+        local = np.full(len(self.mesh.local_devices), flag)
+        if jax.process_count() > 1:
+            local = multihost_utils.host_local_array_to_global_array(local, self.mesh, P(DATA))
+        return self._any(local)

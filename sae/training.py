@@ -11,6 +11,7 @@ devices, a GPU, or a TPU slice.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from sae import sharding
@@ -181,8 +183,24 @@ class Trainer:
 
     # --- step --------------------------------------------------------------------------
 
-    def put_batch(self, batch: np.ndarray) -> jax.Array:
-        return jax.device_put(batch, self.batch_sharding)
+    def host_rows(self, batch_size: int) -> list[slice]:
+        """The rows of a global batch that this host's devices hold, in order: all of them on
+        one host; with several, this host's positions on the data axis (shared with the
+        hosts that hold the other latents of the same rows, when the model axis spans hosts).
+        """
+        indices = self.batch_sharding.addressable_devices_indices_map((batch_size, 1))
+        spans = sorted({index[0].indices(batch_size)[:2] for index in indices.values()})
+        return [slice(start, stop) for start, stop in spans]
+
+    def put_batch(self, batch: np.ndarray, batch_size: int | None = None) -> jax.Array:
+        """A global batch on the mesh. One host passes it whole; with several, each passes
+        its own rows (`host_rows` of the `batch_size` rows, in that order)."""
+        if jax.process_count() == 1:
+            return jax.device_put(batch, self.batch_sharding)
+        if batch_size is None:
+            raise ValueError("several hosts: put_batch needs the global batch_size")
+        shape = (batch_size, *batch.shape[1:])
+        return jax.make_array_from_process_local_data(self.batch_sharding, batch, shape)
 
     def step(
         self, states: dict[str, TrainState], batch: np.ndarray | jax.Array
@@ -273,6 +291,50 @@ def fraction_variance_explained(x: jax.Array, reconstruction: jax.Array) -> jax.
     residual = jnp.sum((x - reconstruction) ** 2)
     variance = jnp.sum((x - jnp.mean(x, axis=0)) ** 2)
     return 1.0 - residual / jnp.maximum(variance, 1e-12)
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of (possibly sharded) arrays, on every host: with several hosts a
+    collective (each holds only its shards), so every host must call it."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+class HostMax:
+    """The maximum of one integer from every host, as a small collective on the mesh that
+    every host dispatches in the same order as its other computations. Returns a replicated
+    device scalar: int() waits for the work queued before it, nothing more."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.sharding = sharding.named(mesh, (sharding.DATA, sharding.MODEL))
+        self.size = mesh.devices.size
+        self._max = jax.jit(jnp.max, out_shardings=sharding.replicated(mesh))
+
+    def __call__(self, value: int) -> jax.Array:
+        votes = jax.make_array_from_callback(
+            (self.size,),
+            self.sharding,
+            lambda index: np.full(len(range(*index[0].indices(self.size))), value, np.int32),
+        )
+        return self._max(votes)
+
+
+def agreed_stop(
+    local: Callable[[], bool], host_max: Callable[[int], Any], lag: int = 2
+) -> Callable[[], bool]:
+    """`should_stop` for several hosts (`host_max`: a HostMax): a stop asked on any host
+    (SIGTERM reaches them at different steps) is seen by all at the same step, `lag` steps
+    later, so they checkpoint and leave together. Called once a step on every host; reading
+    the vote of `lag` steps back waits only for the work queued before it, so the host still
+    runs ahead of the device."""
+    votes: deque[jax.Array] = deque()
+
+    def should_stop() -> bool:
+        votes.append(host_max(int(local())))
+        return len(votes) > lag and bool(int(votes.popleft()))
+
+    return should_stop
 
 
 @dataclass

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+bash scripts/ensure_checkov.sh
+bash scripts/ensure_chromium.sh
 VENV=${GEMMA_SAE_VENV:-.venv}
 "$VENV/bin/ruff" check sae jobs tests
 "$VENV/bin/ruff" format --check sae jobs tests

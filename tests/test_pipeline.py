@@ -35,9 +35,9 @@ def test_pipeline_writes_a_real_report(local_run, name):
     assert metrics["eval_tokens"] > 1000
     assert 1 < metrics["l0"] < 128
     assert metrics["fraction_variance_explained"] > 0.5
-    html = (local_run / "report" / name / "index.html").read_text()
-    assert html.count('class="feature"') == 40
-    assert '<span class="hl">' in html
+    pages = sorted((local_run / "report" / name / "features").glob("*.html"))
+    assert len(pages) == 40  # report.max_features
+    assert 'class="tok hl"' in pages[0].read_text()
     assert f'href="{name}/index.html"' in (local_run / "report" / "index.html").read_text()
     steering = load_file(local_run / "report" / name / "steering" / "vectors.safetensors")
     np.testing.assert_allclose(np.linalg.norm(steering["vectors"], axis=1), 1.0, rtol=1e-5)

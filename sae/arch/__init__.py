@@ -17,8 +17,10 @@ ARCHITECTURES: dict[str, type] = {
     "batchtopk": BatchTopKSAE,
     "jumprelu": JumpReluSAE,
 }
-# What an exported cfg.json can name (BatchTopK exports as a JumpReLU).
+# What an exported cfg.json can name, in SAELens' terms (BatchTopK exports as a JumpReLU);
+# "relu" is how files written before the SAELens name called a standard SAE.
 INFERENCE_ARCHITECTURES: dict[str, type] = {
+    "standard": ReluSAE,
     "relu": ReluSAE,
     "topk": TopKSAE,
     "jumprelu": JumpReluSAE,

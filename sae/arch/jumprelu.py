@@ -78,7 +78,7 @@ class JumpReluSAE(common.StandardDictionary):
     unit_norm_decoder: ClassVar[bool] = True
 
     def export_config(self) -> dict[str, Any]:
-        return {"architecture": self.architecture, "l0_coefficient": self.l0_coefficient}
+        return {"architecture": self.architecture, "trained_as": self.architecture}
 
     def export_weights(self, weights: Params) -> Params:
         exported = {k: v for k, v in weights.items() if k != "log_threshold"}

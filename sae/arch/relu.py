@@ -28,7 +28,8 @@ class ReluSAE(common.StandardDictionary):
     unit_norm_decoder: ClassVar[bool] = False
 
     def export_config(self) -> dict[str, Any]:
-        return {"architecture": self.architecture, "l1_coefficient": self.l1_coefficient}
+        # SAELens calls a ReLU SAE "standard".
+        return {"architecture": "standard", "trained_as": self.architecture}
 
     def encode(self, weights: Params, x: jax.Array) -> jax.Array:
         return jax.nn.relu(common.pre_activations(weights, x, self.matmul_dtype))

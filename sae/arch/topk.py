@@ -36,7 +36,13 @@ class TopKSAE(common.StandardDictionary):
         return cls(d_model=cfg["d_in"], d_sae=cfg["d_sae"], k=cfg["k"])
 
     def export_config(self) -> dict[str, Any]:
-        return {"architecture": self.architecture, "k": self.k}
+        # Selection on the plain pre-activations (the decoder rows are unit norm in training).
+        return {
+            "architecture": self.architecture,
+            "trained_as": self.architecture,
+            "k": self.k,
+            "rescale_acts_by_decoder_norm": False,
+        }
 
     def select(self, weights: Params, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(pre-activations, relu'd top-k values, their latent indices)."""

@@ -1,0 +1,549 @@
+"""Interoperability: our SAEs in SAELens' v6 on-disk format, and Gemma Scope's params.npz in.
+
+SAELens itself needs torch, transformer-lens and transformers (about 2 GB installed), so it
+is not a test dependency. `SaeLensReference` below re-implements what SAELens 6
+(`SAE.load_from_disk`, sae_lens 6.54) does with a directory, from its source: the v6 version
+gate, the config dataclass of each architecture and its fields, the strict state-dict keys
+and shapes, and each architecture's encode and decode. With GEMMA_SAE_SAELENS_PYTHON naming
+a Python that has `sae-lens` installed, `test_real_saelens_loads_our_exports` also checks the
+exports against the real library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jobs import import_sae
+from sae import manifest, sae_io, storage
+from sae.arch import ARCHITECTURES
+from sae.errors import InputError, SaeError
+
+D = 64  # the hidden size of the tiny model preset the local run trains (demo.hidden_dim)
+WIDTH = 256
+TOKENS = 128
+SCALE = 0.37
+
+# SAELens 6's inference config classes: the dataclass fields each reads from cfg.json
+# (SAEConfig's, plus TopKSAEConfig's k and rescale_acts_by_decoder_norm), with defaults.
+_BASE_FIELDS = {
+    "d_in": None,
+    "d_sae": None,
+    "dtype": "float32",
+    "device": "cpu",
+    "apply_b_dec_to_input": True,
+    "normalize_activations": "none",
+    "reshape_activations": "none",
+}
+SAELENS_FIELDS = {
+    "standard": _BASE_FIELDS,
+    "jumprelu": _BASE_FIELDS,
+    "topk": {**_BASE_FIELDS, "k": 100, "rescale_acts_by_decoder_norm": False},
+}
+SAELENS_PARAMETERS = {
+    "standard": ("W_enc", "W_dec", "b_enc", "b_dec"),
+    "topk": ("W_enc", "W_dec", "b_enc", "b_dec"),
+    "jumprelu": ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"),
+}
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("-")[0].split(".")[:3])
+
+
+@dataclass
+class SaeLensReference:
+    """An SAE as SAELens 6 loads it from disk, computed in float64 numpy."""
+
+    architecture: str
+    fields: dict
+    metadata: dict
+    weights: dict[str, np.ndarray]
+
+    @classmethod
+    def load_from_disk(cls, path: Path) -> SaeLensReference:
+        cfg = json.loads((path / "cfg.json").read_text())
+        version = cfg.get("sae_lens_version") or cfg.get("metadata", {}).get("sae_lens_version")
+        # Below 6.0.0-rc.0 SAELens would treat the file as a pre-v6 config and convert it.
+        assert version and _version(version) >= (6, 0, 0), version
+        architecture = cfg["architecture"]
+        declared = SAELENS_FIELDS[architecture]  # KeyError: SAELens has no such class
+        fields = {key: cfg.get(key, default) for key, default in declared.items()}
+        assert fields["d_in"] is not None and fields["d_sae"] is not None
+        assert fields["normalize_activations"] == "none"  # anything else acts at run time
+        assert fields["reshape_activations"] == "none"
+        assert fields["dtype"] == "float32" and fields["device"] == "cpu"
+        raw = load_file(str(path / "sae_weights.safetensors"))
+        # load_state_dict(strict=True): exactly the module's parameters, with their shapes.
+        assert sorted(raw) == sorted(SAELENS_PARAMETERS[architecture])
+        d_in, d_sae = fields["d_in"], fields["d_sae"]
+        expected = sae_io.weight_shapes(d_in, d_sae, architecture)
+        assert {k: v.shape for k, v in raw.items()} == expected
+        weights = {key: value.astype(np.float64) for key, value in raw.items()}
+        return cls(architecture, fields, cfg["metadata"], weights)
+
+    def hidden_pre(self, x: np.ndarray) -> np.ndarray:
+        w = self.weights
+        sae_in = x.astype(np.float64) - w["b_dec"] * self.fields["apply_b_dec_to_input"]
+        pre = sae_in @ w["W_enc"] + w["b_enc"]
+        if self.architecture == "topk" and self.fields["rescale_acts_by_decoder_norm"]:
+            pre = pre * np.linalg.norm(w["W_dec"], axis=-1)
+        return pre
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        pre = self.hidden_pre(x)
+        if self.architecture == "standard":
+            return np.maximum(pre, 0.0)
+        if self.architecture == "jumprelu":
+            return np.maximum(pre, 0.0) * (pre > self.weights["threshold"])
+        k = self.fields["k"]
+        top = np.argpartition(-pre, k - 1, axis=-1)[:, :k]
+        latents = np.zeros_like(pre)
+        np.put_along_axis(latents, top, np.maximum(np.take_along_axis(pre, top, -1), 0.0), -1)
+        return latents
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        w_dec = self.weights["W_dec"]
+        if self.architecture == "topk" and self.fields["rescale_acts_by_decoder_norm"]:
+            latents = latents / np.linalg.norm(w_dec, axis=-1)
+        return latents @ w_dec + self.weights["b_dec"]
+
+    def decided(self, x: np.ndarray, margin: float = 1e-4) -> np.ndarray:
+        """Entries whose firing float32 rounding cannot flip (away from the threshold or, for
+        TopK, in rows without a near tie at the k-th value)."""
+        pre = self.hidden_pre(x)
+        if self.architecture == "standard":
+            return np.abs(pre) > margin
+        if self.architecture == "jumprelu":
+            return np.abs(pre - np.maximum(self.weights["threshold"], 0.0)) > margin
+        k = self.fields["k"]
+        ordered = -np.sort(-pre, axis=-1)
+        clear = ordered[:, k - 1] - ordered[:, k] > margin
+        return np.broadcast_to(clear[:, None], pre.shape)
+
+
+def _inputs(seed: int = 1, n: int = TOKENS) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, D)) * 2.0 + 0.3).astype(np.float32)
+
+
+def _assert_same_latents(ours: np.ndarray, reference: SaeLensReference, x: np.ndarray) -> None:
+    decided = reference.decided(x)
+    assert decided.mean() > 0.99  # the comparison covers nearly every entry
+    expected = reference.encode(x)
+    np.testing.assert_allclose(
+        np.where(decided, ours, 0.0), np.where(decided, expected, 0.0), rtol=1e-4, atol=1e-4
+    )
+    assert np.count_nonzero(expected) > 0
+
+
+def _trained_weights(architecture: str) -> tuple[object, dict]:
+    """An SAE as training leaves it: random non-trivial biases and thresholds."""
+    options = {"k": 8} if architecture in ("topk", "batchtopk") else {}
+    sae = ARCHITECTURES[architecture](D, WIDTH, **options)
+    sample = jnp.asarray(_inputs(0) * SCALE)
+    params = sae.init_params(jax.random.key(0), sample)
+    rng = np.random.default_rng(2)
+    params["b_enc"] = jnp.asarray(rng.normal(size=WIDTH) * 0.3, jnp.float32)
+    if "log_threshold" in params:
+        params["log_threshold"] = jnp.asarray(np.log(rng.uniform(0.1, 0.6, WIDTH)), jnp.float32)
+    buffers = {"threshold": jnp.float32(0.4)} if architecture == "batchtopk" else {}
+    return sae, {**params, **buffers}
+
+
+def _provenance(layer: int = 1) -> sae_io.Provenance:
+    return sae_io.Provenance(
+        layer=layer,
+        model_preset="/presets/gemma2_2b_en",
+        model_name="gemma-2-2b",
+        context_size=1024,
+        dataset_path="/corpus/*.jsonl",
+        training_tokens=1000,
+    )
+
+
+def _export(tmp_path: Path, architecture: str) -> tuple[Path, object, dict]:
+    """What the train stage writes for one SAE (same calls as jobs.train._export)."""
+    sae, weights = _trained_weights(architecture)
+    exported = jax.tree.map(np.asarray, sae.export_weights(weights))
+    cfg = sae_io.build_config(
+        sae.export_config(), D, WIDTH, _provenance(), name=architecture, input_scale_folded=SCALE
+    )
+    directory = tmp_path / architecture
+    sae_io.save(str(directory), sae_io.fold_input_scale(exported, SCALE), cfg)
+    return directory, sae, weights
+
+
+EXPECTED = {
+    "relu": ("standard", {}),
+    "topk": ("topk", {"k": 8, "rescale_acts_by_decoder_norm": False}),
+    "batchtopk": ("jumprelu", {}),
+    "jumprelu": ("jumprelu", {}),
+}
+
+
+@pytest.mark.parametrize("architecture", sorted(EXPECTED))
+def test_export_is_saelens_v6_and_encodes_like_training(architecture, tmp_path):
+    directory, sae, weights = _export(tmp_path, architecture)
+    cfg = json.loads((directory / "cfg.json").read_text())
+    saelens_name, extra_keys = EXPECTED[architecture]
+    assert cfg["architecture"] == saelens_name and cfg["trained_as"] == architecture
+    assert {k: cfg[k] for k in extra_keys} == extra_keys
+    assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is True
+    assert cfg["metadata"] == {
+        "sae_lens_version": "6.0.0",
+        "sae_lens_training_version": None,
+        "model_name": "gemma-2-2b",
+        "model_class_name": "HookedTransformer",
+        "hook_name": "blocks.1.hook_resid_post",
+        "hook_head_index": None,
+        "context_size": 1024,
+        "prepend_bos": True,
+        "dataset_path": "/corpus/*.jsonl",
+    }
+
+    x = _inputs()
+    trained = np.asarray(sae.encode(weights, jnp.asarray(x * SCALE)))
+    loaded, params, _ = sae_io.load(str(directory))
+    ours = np.asarray(loaded.encode(params, jnp.asarray(x)))
+    np.testing.assert_allclose(ours, trained, rtol=1e-4, atol=1e-4)
+
+    reference = SaeLensReference.load_from_disk(directory)
+    _assert_same_latents(ours, reference, x)
+    reconstruction = np.asarray(loaded.decode(params, jnp.asarray(ours)))
+    np.testing.assert_allclose(reconstruction, reference.decode(ours), rtol=1e-4, atol=1e-4)
+    trained_reconstruction = np.asarray(sae.decode(weights, jnp.asarray(trained))) / SCALE
+    np.testing.assert_allclose(reconstruction, trained_reconstruction, rtol=1e-4, atol=1e-4)
+
+
+def test_load_folds_saelens_options_our_encoder_lacks(tmp_path):
+    """A SAELens TopK with apply_b_dec_to_input=false and decoder-norm rescaling, and a
+    JumpReLU with negative thresholds, load into weights that encode as SAELens does."""
+    rng = np.random.default_rng(3)
+    for architecture in ("topk", "jumprelu"):
+        weights = {
+            "W_enc": rng.normal(size=(D, WIDTH)) / 8,
+            "W_dec": rng.normal(size=(WIDTH, D)) * rng.uniform(0.2, 3.0, (WIDTH, 1)),
+            "b_enc": rng.normal(size=WIDTH) * 0.3,
+            "b_dec": rng.normal(size=D),
+        }
+        cfg = sae_io.build_config(
+            {"architecture": architecture}, D, WIDTH, _provenance(), apply_b_dec_to_input=False
+        )
+        if architecture == "topk":
+            cfg.update(k=8, rescale_acts_by_decoder_norm=True)
+        else:
+            weights["threshold"] = rng.uniform(-0.5, 0.5, WIDTH)
+        directory = tmp_path / architecture
+        weights = {k: v.astype(np.float32) for k, v in weights.items()}
+        sae_io.save(str(directory), weights, cfg)
+        x = _inputs()
+        loaded, params, loaded_cfg = sae_io.load(str(directory))
+        assert loaded_cfg["apply_b_dec_to_input"] is True
+        ours = np.asarray(loaded.encode(params, jnp.asarray(x)))
+        reference = SaeLensReference.load_from_disk(directory)
+        _assert_same_latents(ours, reference, x)
+        np.testing.assert_allclose(
+            np.asarray(loaded.decode(params, jnp.asarray(ours))),
+            reference.decode(ours),
+            rtol=1e-3,
+            atol=1e-3,
+        )
+
+
+def test_train_stage_writes_saelens_configs(local_run):
+    """The real train stage's exports: v6 configs naming the model's hook and data."""
+    sae_dir = local_run / "sae"
+    names = sorted(manifest.read(str(sae_dir))["saes"])
+    assert names == ["relu-L1-x4-c2", "topk-L1-x4-k16"]
+    x = _inputs()
+    for name in names:
+        cfg = json.loads((sae_dir / name / "cfg.json").read_text())
+        assert cfg["d_in"] == D and cfg["layer"] == 1
+        assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+        assert cfg["metadata"]["model_name"] == "model"  # not a known Gemma shape
+        assert cfg["metadata"]["context_size"] > 0
+        assert cfg["metadata"]["dataset_path"].endswith("*.jsonl")
+        reference = SaeLensReference.load_from_disk(sae_dir / name)
+        loaded, params, _ = sae_io.load(str(sae_dir / name))
+        _assert_same_latents(np.asarray(loaded.encode(params, jnp.asarray(x))), reference, x)
+
+
+# --- Gemma Scope ---------------------------------------------------------------------------
+
+
+def _gemma_scope_params(d_model: int = D, seed: int = 4) -> dict[str, np.ndarray]:
+    """Random weights in the published layout (W_enc [d_model, d_sae], ...), float32."""
+    rng = np.random.default_rng(seed)
+    return {
+        "W_enc": (rng.normal(size=(d_model, WIDTH)) / 8).astype(np.float32),
+        "W_dec": (rng.normal(size=(WIDTH, d_model)) / 8).astype(np.float32),
+        "b_enc": (rng.normal(size=WIDTH) * 0.2).astype(np.float32),
+        "b_dec": rng.normal(size=d_model).astype(np.float32),
+        "threshold": rng.uniform(0.05, 0.8, WIDTH).astype(np.float32),
+    }
+
+
+def _gemma_scope_encode(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Gemma Scope's published JumpReLU: no b_dec subtraction from the input."""
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    pre = x.astype(np.float64) @ p["W_enc"] + p["b_enc"]
+    return np.maximum(pre, 0.0) * (pre > p["threshold"])
+
+
+def _import_args(params_uri: str, preset: Path | str, out: Path | str, layer: int = 1) -> list:
+    return [
+        "--params",
+        str(params_uri),
+        "--layer",
+        str(layer),
+        "--model-preset",
+        str(preset),
+        "--out",
+        str(out),
+    ]
+
+
+def test_gemma_scope_import_encodes_as_its_jumprelu(local_run, tmp_path):
+    params = _gemma_scope_params()
+    np.savez(tmp_path / "params.npz", **params)
+    out = tmp_path / "sae"
+    import_sae.main(_import_args(tmp_path / "params.npz", local_run / "model", out))
+
+    name = "gemma-scope-L1-256"
+    recorded = manifest.read(str(out))
+    assert recorded["stage"] == "train" and list(recorded["saes"]) == [name]
+    cfg = json.loads((out / name / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["apply_b_dec_to_input"] is False
+    assert cfg["layer"] == 1 and cfg["model_preset"] == str(local_run / "model")
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert cfg["imported_from"]["uri"] == str(tmp_path / "params.npz")
+
+    x = _inputs()
+    expected = _gemma_scope_encode(params, x)
+    loaded, weights, loaded_cfg = sae_io.load(str(out / name))
+    assert type(loaded) is ARCHITECTURES["jumprelu"]
+    ours = np.asarray(loaded.encode(weights, jnp.asarray(x)))
+    reference = SaeLensReference.load_from_disk(out / name)
+    _assert_same_latents(ours, reference, x)  # SAELens reads it as Gemma Scope computes it
+    decided = reference.decided(x)
+    np.testing.assert_allclose(
+        np.where(decided, reference.encode(x), 0), np.where(decided, expected, 0)
+    )
+    np.testing.assert_allclose(
+        np.asarray(loaded.decode(weights, jnp.asarray(ours))),
+        ours @ params["W_dec"] + params["b_dec"],
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    # Published weights are kept bit for bit.
+    stored = load_file(str(out / name / "sae_weights.safetensors"))
+    assert all(np.array_equal(stored[k], params[k]) for k in params)
+    sae_io.check_model_dim(loaded_cfg, D, name, "the tiny model")
+
+
+def test_gemma_scope_import_from_and_to_gcs(local_run, tmp_path, gcs_bucket_uri):
+    buffer_path = tmp_path / "params.npz"
+    np.savez(buffer_path, **_gemma_scope_params())
+    params_uri = storage.join(gcs_bucket_uri, "layer_1", "params.npz")
+    storage.write_bytes(params_uri, buffer_path.read_bytes())
+    out = storage.join(gcs_bucket_uri, "run", "sae")
+    import_sae.main(_import_args(params_uri, local_run / "model", out) + ["--name", "gs-L1"])
+    loaded, weights, cfg = sae_io.load(storage.join(out, "gs-L1"))
+    assert cfg["imported_from"]["uri"] == params_uri
+    x = _inputs()
+    reference_params = _gemma_scope_params()
+    ours = np.asarray(loaded.encode(weights, jnp.asarray(x)))
+    margin = np.abs(
+        x.astype(np.float64) @ reference_params["W_enc"]
+        + reference_params["b_enc"]
+        - reference_params["threshold"]
+    )
+    decided = margin > 1e-4
+    np.testing.assert_allclose(
+        np.where(decided, ours, 0),
+        np.where(decided, _gemma_scope_encode(reference_params, x), 0),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def _drop(key):
+    return lambda p: {k: v for k, v in p.items() if k != key}
+
+
+BAD_PARAMS = {
+    "missing key": (_drop("threshold"), "missing 'threshold'"),
+    "transposed decoder": (
+        lambda p: {**p, "W_dec": p["W_dec"].T.copy()},
+        "W_dec has shape [64, 256], expected [256, 64]",
+    ),
+    "short bias": (lambda p: {**p, "b_dec": p["b_dec"][:10]}, "b_dec has shape [10], expected"),
+    "vector encoder": (lambda p: {**p, "W_enc": p["b_enc"]}, "W_enc has shape [256], expected"),
+    "non-finite": (
+        lambda p: {**p, "W_enc": np.where(np.eye(D, WIDTH) > 0, np.nan, p["W_enc"])},
+        "W_enc has 64 non-finite values",
+    ),
+    "extra array": (lambda p: {**p, "scaling_factor": np.ones(WIDTH)}, "'scaling_factor'"),
+    "integer weights": (
+        lambda p: {**p, "b_enc": np.zeros(WIDTH, np.int32)},
+        "b_enc has dtype int32",
+    ),
+}
+
+
+def _assert_refused(args: list, fragment: str, out: Path) -> None:
+    with pytest.raises(SaeError) as raised:
+        import_sae.main(args)
+    message = str(raised.value)
+    assert fragment in message, message
+    assert "\n" not in message
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PARAMS))
+def test_bad_gemma_scope_params_are_refused_in_one_line(case, local_run, tmp_path):
+    change, fragment = BAD_PARAMS[case]
+    np.savez(tmp_path / "params.npz", **change(_gemma_scope_params()))
+    out = tmp_path / "sae"
+    _assert_refused(_import_args(tmp_path / "params.npz", local_run / "model", out), fragment, out)
+
+
+def test_bad_import_arguments_are_refused_in_one_line(local_run, tmp_path):
+    np.savez(tmp_path / "wide.npz", **_gemma_scope_params(d_model=96))
+    np.savez(tmp_path / "params.npz", **_gemma_scope_params())
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    preset, out = local_run / "model", tmp_path / "sae"
+    cases = [
+        (_import_args(tmp_path / "wide.npz", preset, out), "reads d_model=96 but the model at"),
+        (_import_args(tmp_path / "params.npz", preset, out, layer=5), "layer 5 is out of range"),
+        (_import_args(tmp_path / "missing.npz", preset, out), "no Gemma Scope params at"),
+        (_import_args(tmp_path / "junk.npz", preset, out), "is not a readable .npz file"),
+        (_import_args(tmp_path / "params.npz", tmp_path, out), "no keras-hub preset at"),
+    ]
+    for args, fragment in cases:
+        _assert_refused(args, fragment, out)
+
+
+def test_import_never_mixes_into_a_training_run(local_run, tmp_path):
+    np.savez(tmp_path / "params.npz", **_gemma_scope_params())
+    trained = local_run / "sae"
+    before = sorted(p.name for p in trained.iterdir())
+    with pytest.raises(InputError, match="holds a train output; import elsewhere"):
+        import_sae.main(_import_args(tmp_path / "params.npz", local_run / "model", trained))
+    assert sorted(p.name for p in trained.iterdir()) == before
+
+
+def test_imports_accumulate_for_one_model_only(local_run, tmp_path):
+    np.savez(tmp_path / "params.npz", **_gemma_scope_params())
+    out = tmp_path / "sae"
+    for name in ("first", "second"):
+        args = _import_args(tmp_path / "params.npz", local_run / "model", out)
+        import_sae.main([*args, "--name", name])
+    assert sorted(manifest.read(str(out))["saes"]) == ["first", "second"]
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"config": {"num_layers": 2, "hidden_dim": D}}))
+    args = [*_import_args(tmp_path / "params.npz", other, out), "--name", "third"]
+    with pytest.raises(InputError, match="holds SAEs of the model at"):
+        import_sae.main(args)
+    assert not (out / "third").exists()
+
+
+def test_model_dim_check_is_one_line():
+    with pytest.raises(InputError) as raised:
+        sae_io.check_model_dim({"d_in": 2304}, 64, "gemma-scope-L1-16k", "/presets/tiny")
+    assert str(raised.value) == (
+        "the SAE gemma-scope-L1-16k reads d_model=2304 but the model at /presets/tiny has "
+        "hidden size 64"
+    )
+
+
+def test_report_runs_on_an_imported_sae(local_run, tmp_path):
+    """Evaluation, the feature report and steering vectors on an imported SAE."""
+    from jobs.cli import main
+
+    from .conftest import reuse_run
+
+    workdir = tmp_path / "run"
+    overrides = reuse_run(local_run, workdir)
+    np.savez(tmp_path / "params.npz", **_gemma_scope_params())
+    import_sae.main(_import_args(tmp_path / "params.npz", local_run / "model", workdir / "sae"))
+    assert main(["report", *overrides]) == 0
+    report = workdir / "report" / "gemma-scope-L1-256"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["l0"] > 0
+    assert (report / "steering" / "vectors.safetensors").exists()
+
+
+# --- The real SAELens, when a Python with it is named ----------------------------------------
+
+_SAELENS_SCRIPT = """
+import json, sys
+import numpy as np, torch
+from sae_lens import SAE
+jobs = json.loads(sys.argv[1])
+for job in jobs:
+    sae = SAE.load_from_disk(job["dir"])
+    with torch.no_grad():
+        latents = sae.encode(torch.from_numpy(np.load(job["x"])))
+        reconstruction = sae.decode(latents)
+    np.save(job["latents"], latents.numpy())
+    np.save(job["reconstruction"], reconstruction.numpy())
+    print(job["dir"], type(sae).__name__, sae.cfg.metadata.hook_name)
+"""
+
+
+@pytest.mark.skipif(
+    not os.environ.get("GEMMA_SAE_SAELENS_PYTHON"),
+    reason="set GEMMA_SAE_SAELENS_PYTHON to a Python with sae-lens installed",
+)
+def test_real_saelens_loads_our_exports(tmp_path):
+    x = _inputs()
+    np.save(tmp_path / "x.npy", x)
+    directories = [_export(tmp_path, architecture)[0] for architecture in sorted(EXPECTED)]
+    np.savez(tmp_path / "params.npz", **_gemma_scope_params())
+    preset = tmp_path / "preset"
+    preset.mkdir()
+    (preset / "config.json").write_text(json.dumps({"config": {"num_layers": 2, "hidden_dim": D}}))
+    import_sae.main(_import_args(tmp_path / "params.npz", preset, tmp_path / "imported"))
+    directories.append(tmp_path / "imported" / "gemma-scope-L1-256")
+    jobs = [
+        {
+            "dir": str(d),
+            "x": str(tmp_path / "x.npy"),
+            "latents": str(d / "saelens-latents.npy"),
+            "reconstruction": str(d / "saelens-reconstruction.npy"),
+        }
+        for d in directories
+    ]
+    python = os.environ["GEMMA_SAE_SAELENS_PYTHON"]
+    result = subprocess.run(
+        [python, "-c", _SAELENS_SCRIPT, json.dumps(jobs)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout, file=sys.stderr)
+    for directory in directories:
+        loaded, params, _ = sae_io.load(str(directory))
+        ours = np.asarray(loaded.encode(params, jnp.asarray(x)))
+        theirs = np.load(directory / "saelens-latents.npy")
+        decided = SaeLensReference.load_from_disk(directory).decided(x)
+        np.testing.assert_allclose(
+            np.where(decided, ours, 0), np.where(decided, theirs, 0), rtol=1e-4, atol=1e-4
+        )
+        np.testing.assert_allclose(
+            np.asarray(loaded.decode(params, jnp.asarray(theirs))),
+            np.load(directory / "saelens-reconstruction.npy"),
+            rtol=1e-4,
+            atol=1e-4,
+        )

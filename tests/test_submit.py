@@ -1,0 +1,544 @@
+"""`gemma-sae submit` against a local fake of the Cloud TPU API, with the workdir in the GCS
+emulator; its startup script run under bash with stub commands; its --dry-run gcloud commands
+checked by the installed gcloud offline.
+
+No emulator of the TPU API exists, so `FakeTpuApi` is a small HTTP server implementing the
+REST endpoints the client calls (create, get and delete a queued resource, get a node). It
+records every request so the tests can check what would be sent to Google, and it plays a
+script of states per created queued resource; a hook stands in for the job on the TPU,
+writing what the real container and startup script would write to GCS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from jobs import cli, startup_script, submit, tpu_queue
+from jobs.common import Preempted
+from sae import manifest, storage
+from sae.errors import ConfigError, InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT, ZONE, NAME = "my-project", "us-west4-a", "sae-test"
+PARENT = f"projects/{PROJECT}/locations/{ZONE}"
+IMAGE = "us-west4-docker.pkg.dev/my-project/gemma-sae/gemma-sae:abc123"
+SERVICE_ACCOUNT = "sae-tpu@my-project.iam.gserviceaccount.com"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    body: dict[str, Any] | None
+
+
+@dataclass
+class FakeTpuApi:
+    """The TPU API v2's queued-resource and node endpoints, played from a script.
+
+    `attempts[i]` is the list of states the i-th created queued resource shows on successive
+    reads (the last one repeats). `on_state(attempt, state, body)` runs when an attempt first
+    shows a state: the tests use it to act as the job (write a manifest, an exit code).
+    """
+
+    attempts: list[list[str]]
+    on_state: Callable[[int, str, dict[str, Any]], None] = lambda attempt, state, body: None
+    requests: list[Request] = field(default_factory=list)
+    url: str = ""
+    _live: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _created: int = 0
+
+    def creates(self) -> list[dict[str, Any]]:
+        return [r.body for r in self.requests if r.method == "POST"]
+
+    def deletes(self) -> list[Request]:
+        return [r for r in self.requests if r.method == "DELETE"]
+
+    def handle(self, request: Request) -> tuple[int, dict[str, Any]]:
+        self.requests.append(request)
+        path = request.path.removeprefix("/v2/")
+        if request.method == "POST" and path == f"{PARENT}/queuedResources":
+            name = f"{PARENT}/queuedResources/{request.query['queuedResourceId'][0]}"
+            if name in self._live:
+                return 409, _error(409, "ALREADY_EXISTS", f"{name} already exists")
+            self._live[name] = {"body": request.body, "attempt": self._created, "reads": 0}
+            self._created += 1
+            return 200, {"name": f"{PARENT}/operations/create-{self._created}", "done": False}
+        if "/nodes/" in path:
+            name = path.replace("/nodes/", "/queuedResources/")
+            if name not in self._live:
+                return 404, _error(404, "NOT_FOUND", f"{path} not found")
+            state = self._live[name]["state"]
+            node_state = {"ACTIVE": "READY", "SUSPENDED": "PREEMPTED"}.get(state, "CREATING")
+            return 200, {"name": path, "state": node_state}
+        if path not in self._live:
+            return 404, _error(404, "NOT_FOUND", f"{path} not found")
+        if request.method == "DELETE":
+            del self._live[path]
+            return 200, {"name": f"{PARENT}/operations/delete-{self._created}", "done": False}
+        return 200, self._read(path)
+
+    def _read(self, name: str) -> dict[str, Any]:
+        live = self._live[name]
+        states = self.attempts[live["attempt"]]
+        state = states[min(live["reads"], len(states) - 1)]
+        if live.get("state") != state:
+            live["state"] = state
+            self.on_state(live["attempt"], state, live["body"])
+        live["reads"] += 1
+        body: dict[str, Any] = {"name": name, "tpu": live["body"]["tpu"], "state": {"state": state}}
+        if state == "FAILED":
+            body["state"]["failedData"] = {"error": {"code": 8, "message": "no v5e capacity"}}
+        if state in ("SUSPENDING", "SUSPENDED"):
+            body["state"]["stateInitiator"] = "SERVICE"
+        return body
+
+
+def _error(code: int, status: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "status": status, "message": message}}
+
+
+@contextlib.contextmanager
+def _serve(api: FakeTpuApi) -> Iterator[FakeTpuApi]:
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            url = urlsplit(self.path)
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            body = json.loads(raw) if raw else None
+            request = Request(self.command, url.path, parse_qs(url.query), body)
+            status, answer = api.handle(request)
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_DELETE = _answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    api.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield api
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def fake_tpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., FakeTpuApi]]:
+    """Start a FakeTpuApi and point the submit command's TPU client at it."""
+    with contextlib.ExitStack() as stack:
+
+        def start(attempts: list[list[str]], on_state: Callable | None = None) -> FakeTpuApi:
+            api = FakeTpuApi(attempts, on_state or (lambda attempt, state, body: None))
+            stack.enter_context(_serve(api))
+            monkeypatch.setenv(tpu_queue.ENDPOINT_ENV, api.url)
+            return api
+
+        yield start
+
+
+def _argv(workdir: str, *extra: str) -> list[str]:
+    return [
+        "--project", PROJECT, "--zone", ZONE, "--tpu-name", NAME, "--image", IMAGE,
+        "--workdir", workdir, "--stage", "train", "--poll-seconds", "0.02", *extra,
+    ]  # fmt: skip
+
+
+def _script(create: dict[str, Any]) -> str:
+    return create["tpu"]["nodeSpec"][0]["node"]["metadata"]["startup-script"]
+
+
+def _script_value(script: str, name: str) -> list[str]:
+    """A variable's value(s) in the startup script, as bash reads them."""
+    line = re.search(rf"^{name}=\(?(.*?)\)?$", script, re.MULTILINE)
+    assert line, f"no {name}= in the startup script"
+    return shlex.split(line.group(1))
+
+
+def _status_uri(create: dict[str, Any]) -> str:
+    return _script_value(_script(create), "STATUS_URI")[0]
+
+
+def _worker_exit(create: dict[str, Any], code: int, log: str = "") -> None:
+    """What the startup script leaves in GCS when the container exits with `code`."""
+    status = _status_uri(create)
+    storage.write_text(storage.join(status, "worker-0.log"), log)
+    storage.write_json(
+        storage.join(status, "worker-0.json"), {"worker": 0, "exit_code": code, "host": "w-0"}
+    )
+
+
+def _train_manifest(workdir: str) -> None:
+    """What the train stage writes last, on success."""
+    manifest.write(storage.join(workdir, "sae"), "train", {}, {}, {"steps": 60}, [])
+
+
+def _when(wanted: str, action: Callable[[dict[str, Any]], None], attempt: int = 0) -> Callable:
+    def on_state(index: int, state: str, body: dict[str, Any]) -> None:
+        if index == attempt and state == wanted:
+            action(body)
+
+    return on_state
+
+
+# ---------------------------------------------------------------------------------------
+# Requests and the happy path
+
+
+@pytest.mark.gcs
+def test_submit_creates_the_tpu_waits_for_the_manifest_and_deletes_it(
+    fake_tpu, gcs_bucket_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api = fake_tpu(
+        [["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"]],
+        _when("ACTIVE", lambda body: _train_manifest(gcs_bucket_uri)),
+    )
+    config = "configs/gemma2-2b-v5e-8.yaml"
+    submit.main(
+        _argv(gcs_bucket_uri, "--spot", "--service-account", SERVICE_ACCOUNT)
+        + ["--network", "tpu-net", "--subnetwork", "tpu-subnet", "--config", config]
+        + ["train.steps=20000"]
+    )
+
+    post = next(r for r in api.requests if r.method == "POST")
+    assert post.path == f"/v2/{PARENT}/queuedResources"
+    assert post.query["queuedResourceId"] == [NAME]
+    create = post.body
+    assert create["spot"] == {} and "reservationName" not in create
+    [spec] = create["tpu"]["nodeSpec"]
+    assert spec["parent"] == PARENT and spec["nodeId"] == NAME
+    node = spec["node"]
+    assert node["acceleratorType"] == "v5litepod-8"
+    assert node["runtimeVersion"] == "v2-alpha-tpuv5-lite"
+    # No external IPs: false is the API's default, so the field may be left out.
+    assert node["networkConfig"].get("enableExternalIps", False) is False
+    assert node["networkConfig"]["network"] == "tpu-net"
+    assert node["networkConfig"]["subnetwork"] == "tpu-subnet"
+    assert node["serviceAccount"] == {"email": SERVICE_ACCOUNT, "scope": [tpu_queue.SCOPE]}
+
+    script = _script(create)
+    assert "docker run --name" in script and "--privileged --net=host" in script
+    assert _script_value(script, "IMAGE") == [IMAGE]
+    args = _script_value(script, "ARGS")
+    assert args == [
+        "train",
+        "train.steps=20000",
+        f"workdir={gcs_bucket_uri}",
+        "--config",
+        startup_script.CONFIG_PATH,
+    ]
+    # The container's arguments are a valid stage command line of the image's CLI.
+    parsed = cli._parser().parse_args(args)
+    assert (parsed.stage, parsed.overrides) == ("train", args[1:3])
+    assert (ROOT / config).read_text().rstrip("\n") in script
+    assert _status_uri(create).startswith(f"{gcs_bucket_uri}/submissions/{NAME}/")
+
+    [delete] = api.deletes()
+    assert delete.path == f"/v2/{PARENT}/queuedResources/{NAME}"
+    assert delete.query["force"] == ["true"]
+    assert api.requests[-1] is delete
+    err = capsys.readouterr().err
+    states = re.findall(rf"{NAME}: ([A-Z_]+)", err)
+    assert states == ["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"]
+    assert "succeeded" in err and "sae/manifest.json (steps=60)" in err
+
+
+@pytest.mark.gcs
+def test_a_tpu_that_cannot_be_provisioned_fails_the_command_and_is_deleted(
+    fake_tpu, gcs_bucket_uri: str
+) -> None:
+    api = fake_tpu([["WAITING_FOR_RESOURCES", "FAILED"]])
+    with pytest.raises(submit.JobFailed, match="could not be provisioned: no v5e capacity"):
+        submit.main(_argv(gcs_bucket_uri, "--reservation", "my-res"))
+    [create] = api.creates()
+    assert create["reservationName"] == f"{PARENT}/reservations/my-res"
+    assert "spot" not in create
+    assert len(api.deletes()) == 1
+
+
+@pytest.mark.gcs
+def test_a_failed_job_is_reported_with_its_log_and_the_tpu_deleted(
+    fake_tpu, gcs_bucket_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = "[train] loading\nerror: unknown config key 'train.stpes'\n"
+    api = fake_tpu(
+        [["PROVISIONING", "ACTIVE"]], _when("ACTIVE", lambda body: _worker_exit(body, 2, log))
+    )
+    with pytest.raises(submit.JobFailed, match="worker 0 exited with code 2") as failure:
+        submit.main(_argv(gcs_bucket_uri))
+    assert "\n" not in str(failure.value)
+    assert "unknown config key 'train.stpes'" in capsys.readouterr().err
+    assert len(api.deletes()) == 1
+
+
+@pytest.mark.gcs
+def test_an_earlier_manifest_counts_only_when_the_job_finds_it_up_to_date(
+    fake_tpu, gcs_bucket_uri: str
+) -> None:
+    _train_manifest(gcs_bucket_uri)  # from an earlier run
+    api = fake_tpu(
+        [["ACTIVE"], ["ACTIVE"]], _when("ACTIVE", lambda body: _worker_exit(body, 0), attempt=1)
+    )
+    # First job: still running (no exit code, no new manifest) when the timeout comes.
+    with pytest.raises(submit.JobFailed, match="no outcome within 0.01 minutes"):
+        submit.main(_argv(gcs_bucket_uri, "--timeout-minutes", "0.01"))
+    assert len(api.deletes()) == 1
+    # Second job: worker 0 exits 0 and the stage's manifest is there.
+    submit.main(_argv(gcs_bucket_uri, "--timeout-minutes", "1"))
+    assert len(api.deletes()) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Preemption, --keep, Ctrl-C
+
+
+@pytest.mark.gcs
+def test_a_preempted_spot_tpu_is_resubmitted_and_the_job_resumes(
+    fake_tpu, gcs_bucket_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api = fake_tpu(
+        [["PROVISIONING", "ACTIVE", "SUSPENDED"], ["PROVISIONING", "ACTIVE"]],
+        _when("ACTIVE", lambda body: _train_manifest(gcs_bucket_uri), attempt=1),
+    )
+    submit.main(_argv(gcs_bucket_uri, "--spot", "--retries", "2"))
+
+    first, second = api.creates()
+    methods = [r.method for r in api.requests]
+    assert methods.count("DELETE") == 2
+    # Deleted, gone (404), then created again under the same name.
+    second_post = methods.index("POST", 1)
+    assert methods[second_post - 2 : second_post] == ["DELETE", "GET"]
+    # The same stage and workdir: the train stage resumes from its checkpoint there.
+    assert _script_value(_script(first), "ARGS") == _script_value(_script(second), "ARGS")
+    assert _status_uri(first) != _status_uri(second)
+    err = capsys.readouterr().err
+    assert "SUSPENDED (by service)" in err and "resubmitting" in err
+    assert "attempt 2 of 3" in err
+
+
+@pytest.mark.gcs
+def test_preemption_after_the_last_retry_exits_as_preempted(fake_tpu, gcs_bucket_uri) -> None:
+    api = fake_tpu([["ACTIVE", "SUSPENDED"]])
+    with pytest.raises(Preempted):
+        submit.main(_argv(gcs_bucket_uri, "--spot", "--retries", "0"))
+    assert len(api.creates()) == 1 and len(api.deletes()) == 1
+
+
+@pytest.mark.gcs
+def test_keep_leaves_the_tpu_and_a_second_submission_refuses_its_name(
+    fake_tpu, gcs_bucket_uri: str
+) -> None:
+    api = fake_tpu([["ACTIVE"]], _when("ACTIVE", lambda body: _train_manifest(gcs_bucket_uri)))
+    submit.main(_argv(gcs_bucket_uri, "--keep"))
+    with pytest.raises(
+        tpu_queue.TpuError, match=f"cannot create {NAME} in {ZONE}: .* already exists"
+    ):
+        submit.main(_argv(gcs_bucket_uri))
+    assert api.deletes() == []
+
+
+@pytest.mark.gcs
+def test_ctrl_c_deletes_the_tpu(
+    fake_tpu, gcs_bucket_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = fake_tpu([["WAITING_FOR_RESOURCES"]])
+
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(submit, "_pause", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        submit.main(_argv(gcs_bucket_uri))
+    assert len(api.creates()) == 1 and len(api.deletes()) == 1
+
+
+@pytest.mark.gcs
+def test_an_unreachable_tpu_api_is_a_one_line_error(
+    gcs_bucket_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(tpu_queue.ENDPOINT_ENV, "http://127.0.0.1:9")  # nothing listens
+    with pytest.raises(tpu_queue.TpuError, match=f"cannot create TPU {NAME}: ") as raised:
+        submit.main(_argv(gcs_bucket_uri))
+    assert "\n" not in str(raised.value)
+
+
+# ---------------------------------------------------------------------------------------
+# Arguments checked before anything is created
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "message"),
+    [
+        (["--accelerator-type", "v4-8"], InputError, "--accelerator-type='v4-8' is not valid"),
+        (["--zone", "us-west4"], InputError, "--zone='us-west4' is not valid"),
+        (["--image", "python:3.11"], InputError, "--image='python:3.11' is not valid"),
+        (["--workdir", "runs/local"], InputError, "--workdir must be a gs:// URI"),
+        (["workdir=gs://b/other"], InputError, "with --workdir, not workdir="),
+        (["--retries", "-1"], InputError, "--retries"),
+        (["train.stpes=3"], ConfigError, "unknown config key 'train.stpes'"),
+        (["model.preset=/home/me/gemma"], ConfigError, "model.preset='/home/me/gemma' must"),
+    ],
+)
+def test_bad_arguments_stop_before_any_request(
+    extra: list[str], error: type[Exception], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing listens here: a request would fail with a connection error instead.
+    monkeypatch.setenv(tpu_queue.ENDPOINT_ENV, "http://127.0.0.1:9")
+    with pytest.raises(error, match=re.escape(message)) as raised:
+        submit.main(_argv("gs://bucket/run") + extra)
+    assert "\n" not in str(raised.value)
+
+
+# ---------------------------------------------------------------------------------------
+# The startup script, run by bash with stub commands
+
+
+_STUBS = {
+    # The TPU VM metadata server: worker 1 of a two-host slice.
+    "curl": """case "$*" in
+  *agent-worker-number*) printf 1 ;;
+  *worker-network-endpoints*) printf 'unknown:unknown:10.0.0.2,unknown:unknown:10.0.0.3' ;;
+  *) exit 22 ;;
+esac""",
+    # gcloud storage cp SRC gs://.../NAME copies to $OUT/NAME.
+    "gcloud": """echo "gcloud $*" >> "$CALLS"
+if [ "$1 $2" = "storage cp" ]; then cp "$3" "$OUT/${4##*/}"; fi""",
+    "docker": """echo "docker $*" >> "$CALLS"
+if [ "$1" = run ]; then echo "training on worker $TPU_WORKER_ID"; exit "$DOCKER_EXIT"; fi""",
+}
+
+
+def test_startup_script_runs_the_container_on_a_worker_and_reports_its_exit(
+    tmp_path: Path,
+) -> None:
+    config = "train:\n  steps: 10\n"
+    args = ["train", "train.steps=10", "--config", startup_script.CONFIG_PATH]
+    script = startup_script.render(IMAGE, args, "gs://bucket/run/submissions/x/1", config)
+    # Files the script writes or removes in /etc, /var/log and /tmp of the VM: in tmp_path.
+    local = ("/etc/gemma-sae", startup_script.LOG_PATH, startup_script.STATUS_PATH)
+    for path in (*local, startup_script.LIBTPU_LOCK):
+        script = script.replace(path, str(tmp_path / path.strip("/").replace("/", "_")))
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    out.mkdir()
+    for name, body in _STUBS.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "job.sh").write_text(script)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "CALLS": str(tmp_path / "calls"),
+        "OUT": str(out),
+        "DOCKER_EXIT": "75",
+        "TPU_WORKER_ID": "",
+    }
+    done = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True)
+    assert done.returncode == 75, done.stderr
+
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0] == "gcloud auth configure-docker us-west4-docker.pkg.dev --quiet"
+    assert calls[1] == f"docker pull {IMAGE}"
+    [run] = [c for c in calls if c.startswith("docker run")]
+    config_file = tmp_path / "etc_gemma-sae" / "job.yaml"
+    assert run == (
+        "docker run --name gemma-sae-job --privileged --net=host -e TPU_WORKER_ID=1 "
+        "-e TPU_WORKER_HOSTNAMES=10.0.0.2,10.0.0.3 "
+        f"-v {config_file}:{startup_script.CONFIG_PATH}:ro {IMAGE} {' '.join(args)}"
+    )
+    assert config_file.read_text() == config
+    # The log goes up before the exit code: the submitter reads it once the code is there.
+    uploads = [c.split()[-1] for c in calls if c.startswith("gcloud storage cp")]
+    base = "gs://bucket/run/submissions/x/1"
+    assert uploads == [f"{base}/worker-1.log", f"{base}/worker-1.json"]
+    assert json.loads((out / "worker-1.json").read_text())["exit_code"] == 75
+    assert json.loads((out / "worker-1.json").read_text())["worker"] == 1
+    assert "training on worker" in (out / "worker-1.log").read_text()
+
+
+# ---------------------------------------------------------------------------------------
+# --dry-run: the gcloud commands, checked by the installed gcloud without credentials
+
+_GCLOUD = shutil.which("gcloud")
+_AUTH = re.compile(r"active account|credentials|gcloud auth login", re.IGNORECASE)
+
+
+def _gcloud(argv: list[str], config_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Run gcloud with an empty configuration: no account, no prompts, no update checks.
+    Argument errors exit 2 before anything else; a well-formed command fails at auth."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CLOUDSDK_", "GOOGLE_APPLICATION_CREDENTIALS"))
+    }
+    env.update(
+        CLOUDSDK_CONFIG=str(config_dir),
+        CLOUDSDK_CORE_DISABLE_PROMPTS="1",
+        CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK="1",
+        CLOUDSDK_CORE_DISABLE_USAGE_REPORTING="true",
+    )
+    return subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL
+    )
+
+
+def _dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> list[list[str]]:
+    script = tmp_path / f"startup-{len(list(tmp_path.iterdir()))}.sh"
+    submit.main(_argv("gs://bucket/run", "--dry-run", "--script-out", str(script), *extra))
+    out = capsys.readouterr().out
+    assert script.read_text().startswith("#!/bin/bash")
+    return [shlex.split(line) for line in out.splitlines() if line and not line.startswith("#")]
+
+
+@pytest.mark.skipif(_GCLOUD is None, reason="gcloud is not installed")
+def test_dry_run_prints_gcloud_commands_that_gcloud_accepts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spot = _dry_run(tmp_path, capsys, "--spot", "--external-ips", "--network", "tpu-net")
+    named = _dry_run(tmp_path, capsys, "--reservation", "my-res", "--subnetwork", "tpu-subnet")
+    reserved = _dry_run(tmp_path, capsys, "--reserved", "--service-account", SERVICE_ACCOUNT)
+    create = spot[0]
+    assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", NAME]
+    assert "--spot" in create and "--internal-ips" not in create
+    assert "--accelerator-type=v5litepod-8" in create
+    assert any(a.startswith("--metadata-from-file=startup-script=") for a in create)
+    assert named[0][:2] == ["gcloud", "alpha"] and "--reservation=my-res" in named[0]
+    assert "--internal-ips" in named[0] and "--reserved" in reserved[0]
+    assert {"--worker=all", "--tunnel-through-iap"} <= set(named[3])
+    assert spot[-1][-2:] == ["--force", "--async"]
+
+    # The checker catches malformed commands: an unknown flag, a missing required flag.
+    broken = [create + ["--no-such-flag"], [a for a in create if "runtime" not in a]]
+    commands = spot + named + [reserved[0]]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda argv: _gcloud(argv, tmp_path / "gcloud"), broken + commands))
+    for argv, result in zip(broken, results[:2], strict=True):
+        assert result.returncode == 2, (argv, result.stderr)
+    for argv, result in zip(commands, results[2:], strict=True):
+        assert result.returncode not in (0, 2), (shlex.join(argv), result.stderr)
+        assert _AUTH.search(result.stderr), (shlex.join(argv), result.stderr)

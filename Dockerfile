@@ -4,14 +4,19 @@
 #   docker build --target tpu -t gemma-sae:tpu .   # Cloud TPU v5e VMs (jax[tpu] + libtpu)
 #   docker build --target dataflow -t gemma-sae:dataflow .  # Dataflow workers (tokenize)
 #
-#   docker run --rm gemma-sae:cpu pipeline workdir=/app/runs/demo
+#   docker run --rm -v "$PWD/out:/app/runs/local" gemma-sae:cpu pipeline  # out/: uid 10001 writes
 #   docker run --rm --privileged --net=host gemma-sae:tpu train --config configs/... workdir=gs://...
+#
+# BASE_IMAGE is any Debian-based image with Python 3.11 and its venv module; where no registry
+# can be reached (tests/test_image.py), a locally made one stands in for python:3.11-slim.
 #
 # Layers are ordered from least to most often changed: Python runtime and user, locked
 # dependencies (only pyproject.toml + requirements-lock.txt are copied for them), the TPU
 # runtime, and last the project source, so a source change rebuilds only the final layers.
 
-FROM python:3.11-slim AS base
+ARG BASE_IMAGE=python:3.11-slim
+
+FROM ${BASE_IMAGE} AS base
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -27,7 +32,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --gid 10001 sae \
     && useradd --uid 10001 --gid sae --no-log-init --create-home --home-dir /home/sae \
         --shell /usr/sbin/nologin sae \
-    && python -m venv "${VIRTUAL_ENV}"
+    && python3 -m venv "${VIRTUAL_ENV}"
 
 WORKDIR /app
 

@@ -37,8 +37,8 @@ output "tpu_network" {
 }
 
 output "startup_script_template" {
-  description = "Path of the TPU VM startup script template (variables image, stage, config, overrides, workdir)."
-  value       = "${path.module}/templates/startup.sh.tftpl"
+  description = "Path of the TPU VM startup script template, shared with gemma-sae submit (its header lists the variables)."
+  value       = "${path.module}/../jobs/templates/tpu_startup.sh.tftpl"
 }
 
 output "tpu_vms" {

@@ -1,21 +1,30 @@
 # Scheduled retraining, set up when var.retrain_source names a source repository:
 #   Cloud Scheduler (retrain_schedule) --POST triggers/ID:run--> a manual Cloud Build trigger
 #   whose one build step, running as the orchestrator account, requests a TPU v5e slice that
-#   runs `gemma-sae <retrain_stage>` on every worker, waits for the workers' exit codes and
-#   deletes the slice (templates/retrain.sh.tftpl). Stages whose manifest matches are skipped,
-#   so re-running the pipeline on a schedule only redoes what changed.
+#   runs `gemma-sae retrain workdir=<retrain_workdir> ...` (retrain_stage) on every worker,
+#   waits for the workers' exit codes and deletes the slice (templates/retrain.sh.tftpl).
+#   Each run is RETRAIN_WORKDIR/runs/<UTC timestamp>/, warm-started from the run that
+#   RETRAIN_WORKDIR/LATEST names; LATEST moves only when a run succeeds, a week without new
+#   corpus files or config changes makes no run, and stages whose manifests match are skipped
+#   (jobs/retrain.py).
 locals {
-  retrain_workdir       = var.retrain_workdir != "" ? var.retrain_workdir : "${google_storage_bucket.data.url}/runs/retrain"
+  retrain_workdir       = var.retrain_workdir != "" ? var.retrain_workdir : "${google_storage_bucket.data.url}/retrain"
   retrain_status_prefix = "${google_storage_bucket.data.url}/${trimsuffix(var.retrain_status_prefix, "/")}"
   retrain_deadline_s    = var.retrain_timeout_hours * 3600
   retrain_by_repository = startswith(var.retrain_source, "projects/")
 
-  retrain_startup_script = templatefile("${path.module}/templates/startup.sh.tftpl", {
-    image     = "${local.repository_url}/${var.image_name}:${var.retrain_image_tag}"
-    stage     = var.retrain_stage
-    config    = var.retrain_config
-    overrides = join(" ", var.retrain_overrides)
-    workdir   = local.retrain_workdir
+  retrain_startup_script = templatefile("${path.module}/../jobs/templates/tpu_startup.sh.tftpl", {
+    image         = "${local.repository_url}/${var.image_name}:${var.retrain_image_tag}"
+    stage         = var.retrain_stage
+    config        = var.retrain_config
+    config_base64 = ""
+    overrides     = join(" ", var.retrain_overrides)
+    workdir       = local.retrain_workdir
+    # Rendered once: each attempt's status prefix comes from the gemma-sae-status metadata.
+    status_uri = ""
+    # A stage that exits 75 ends the attempt: retrain.sh requests a new slice, and the run
+    # resumes there (gemma-sae retrain picks up the run it started).
+    max_runs = 1
   })
 
   retrain_script = templatefile("${path.module}/templates/retrain.sh.tftpl", {

@@ -1,18 +1,24 @@
 # TPU v5e VMs managed by Terraform, one per entry of var.tpu_vms (none by default, so applying
 # the shared resources starts no TPU). Each runs one gemma-sae stage at boot on every worker
-# (templates/startup.sh.tftpl) and then stays up until it is removed from var.tpu_vms; the
-# scheduled retraining (retrain.tf) creates and deletes its own slices instead.
+# (jobs/templates/tpu_startup.sh.tftpl, the script `gemma-sae submit` sends too) and then
+# stays up until it is removed from var.tpu_vms; the scheduled retraining (retrain.tf)
+# creates and deletes its own slices instead.
 locals {
   tpu_vms = {
     for name, vm in var.tpu_vms : name => {
       accelerator_type = coalesce(vm.accelerator_type, var.tpu_accelerator_type)
       spot             = coalesce(vm.spot, var.tpu_spot)
-      startup_script = templatefile("${path.module}/templates/startup.sh.tftpl", {
-        image     = "${local.repository_url}/${var.image_name}:${vm.image_tag}"
-        stage     = vm.stage
-        config    = vm.config
-        overrides = join(" ", vm.overrides)
-        workdir   = vm.workdir
+      startup_script = templatefile("${path.module}/../jobs/templates/tpu_startup.sh.tftpl", {
+        image         = "${local.repository_url}/${var.image_name}:${vm.image_tag}"
+        stage         = vm.stage
+        config        = vm.config
+        config_base64 = ""
+        overrides     = join(" ", vm.overrides)
+        workdir       = vm.workdir
+        # Nothing watches these VMs for exit codes or resubmits them: no status files, and a
+        # stage that stops to be resumed (exit 75) is started again on the worker.
+        status_uri = ""
+        max_runs   = 5
       })
     }
   }

@@ -209,7 +209,7 @@ variable "tpu_vms" {
   description = <<-EOT
     TPU v5e VMs for Terraform to create, by name (default none). Each runs one gemma-sae stage
     at boot on every worker, with the image REPOSITORY/IMAGE_NAME:image_tag:
-    `gemma-sae <stage> [--config <config>] <overrides...> workdir=<workdir>`.
+    `gemma-sae <stage> workdir=<workdir> <overrides...> [--config <config>]`.
     accelerator_type and spot default to tpu_accelerator_type and tpu_spot. Example:
     { sae-l12 = { stage = "train", config = "configs/gemma2-2b-v5e-8.yaml",
                   workdir = "gs://BUCKET/runs/gemma2-2b-l12", overrides = ["train.steps=20000"] } }
@@ -351,13 +351,13 @@ variable "retrain_paused" {
 }
 
 variable "retrain_stage" {
-  description = "gemma-sae stage that retraining runs (pipeline: tokenize, extract, train and report, each skipped while its manifest matches)."
+  description = "gemma-sae command that retraining runs: retrain (a new dated run under retrain_workdir, warm-started from the LATEST good run, which it replaces only on success), or a stage, e.g. pipeline, run in retrain_workdir itself."
   type        = string
-  default     = "pipeline"
+  default     = "retrain"
 
   validation {
-    condition     = contains(["demo", "tokenize", "extract", "train", "report", "pipeline"], var.retrain_stage)
-    error_message = "retrain_stage must be one of demo, tokenize, extract, train, report, pipeline."
+    condition     = contains(["retrain", "demo", "tokenize", "extract", "train", "report", "pipeline"], var.retrain_stage)
+    error_message = "retrain_stage must be one of retrain, demo, tokenize, extract, train, report, pipeline."
   }
 }
 
@@ -379,7 +379,7 @@ variable "retrain_overrides" {
 }
 
 variable "retrain_workdir" {
-  description = "Workdir of the retraining runs; empty: gs://BUCKET/runs/retrain."
+  description = "Base of the retraining runs (RETRAIN_WORKDIR/runs/YYYYMMDD-HHMMSS/ and RETRAIN_WORKDIR/LATEST); empty: gs://BUCKET/retrain."
   type        = string
   default     = ""
 

@@ -4,8 +4,8 @@
     gemma-sae train --config configs/gemma2-2b-v5e-8.yaml train.steps=1000
     gemma-sae steer --sae runs/local/sae/topk-L2-x8-k32 --feature 3 --strength 40 --prompt Hi
 
-Stages share the config and its overrides; tools (`steer`, `import-gemma-scope`, `submit`)
-take their own arguments (`gemma-sae steer --help`).
+Stages share the config and its overrides; tools (`steer`, `import-gemma-scope`, `submit`,
+`retrain`) take their own arguments (`gemma-sae steer --help`).
 
 Problems the user can fix print one line (`error: ...`) and exit 2; a preempted training
 run exits 75 so that a supervisor retries it.
@@ -24,6 +24,7 @@ TOOLS = {
     "steer": "jobs.steer",
     "import-gemma-scope": "jobs.import_sae",
     "submit": "jobs.submit",
+    "retrain": "jobs.retrain",
 }
 
 

@@ -5,12 +5,13 @@
       --config configs/gemma2-2b-v5e-8.yaml --workdir gs://my-bucket/runs/l12 \\
       --stage pipeline train.steps=20000
 
-Creates a queued resource whose node runs jobs/startup_script.py's script on every worker
-(the container with the stage, the config and the overrides), reports each state change,
-and, once the slice is ACTIVE, watches GCS for the outcome: the stage's manifest, or a
-worker's non-zero exit code. It deletes the TPU when the job ends, fails, times out or is
-interrupted (unless --keep). A preempted slice (spot) is deleted and created again, up to
---retries times; the train stage resumes from its last checkpoint in the workdir.
+Creates a queued resource whose node runs the startup script (jobs/startup_script.py renders
+jobs/templates/tpu_startup.sh.tftpl) on every worker: the container with the stage, the
+config and the overrides. Reports each state change and, once the slice is ACTIVE, watches
+GCS for the outcome: the stage's manifest, or a worker's non-zero exit code. It deletes the
+TPU when the job ends, fails, times out or is interrupted (unless --keep). A preempted slice
+(spot), or a worker that exits 75, is deleted and created again, up to --retries times; the
+train stage resumes from its last checkpoint in the workdir.
 `--dry-run` prints the equivalent gcloud commands instead.
 """
 
@@ -60,8 +61,10 @@ class Job:
 
     request: NodeRequest  # its startup script is filled in per attempt
     image: str
-    container_args: list[str]
-    config_yaml: str | None
+    stage: str
+    overrides: list[str]  # key=value words, then flags
+    config: str  # a gs:// URI, or empty
+    config_yaml: str | None  # a local config file's text, sent in the script
     workdir: str
     output_uri: str
     manifest_stage: str
@@ -71,7 +74,13 @@ class Job:
 
     def attempt(self, attempt_id: str) -> NodeRequest:
         script = startup_script.render(
-            self.image, self.container_args, self.status_uri(attempt_id), self.config_yaml
+            self.image,
+            self.stage,
+            self.workdir,
+            self.status_uri(attempt_id),
+            self.overrides,
+            self.config,
+            self.config_yaml,
         )
         return dataclasses.replace(self.request, startup_script=script)
 
@@ -169,16 +178,12 @@ def _job(args: argparse.Namespace) -> Job:
     overrides = [*args.overrides, f"workdir={workdir}"]
     config = sae_config.load(args.config, overrides)
     _check_inputs_on_gcs(config)
-    config_yaml = None
-    container_args = [args.stage, *overrides]
+    remote_config, config_yaml = "", None
     if args.config and storage.is_gcs(args.config):
-        container_args += ["--config", args.config]
+        remote_config = args.config
     elif args.config:
         # The TPU VM cannot read this machine's files: the script carries the config.
         config_yaml = storage.read_text(args.config)
-        container_args += ["--config", startup_script.CONFIG_PATH]
-    if args.force:
-        container_args.append("--force")
     output_uri, manifest_stage = final_output(args.stage, config)
     reserved = args.reserved or args.reservation is not None
     request = NodeRequest(
@@ -195,9 +200,19 @@ def _job(args: argparse.Namespace) -> Job:
         subnetwork=args.subnetwork,
         external_ips=args.external_ips,
     )
-    return Job(
-        request, args.image, container_args, config_yaml, workdir, output_uri, manifest_stage
+    job = Job(
+        request,
+        args.image,
+        args.stage,
+        [*args.overrides, *(["--force"] if args.force else [])],
+        remote_config,
+        config_yaml,
+        workdir,
+        output_uri,
+        manifest_stage,
     )
+    job.attempt(_attempt_id(0))  # a value the startup script cannot carry stops here
+    return job
 
 
 def _attempt_id(attempt: int) -> str:
@@ -308,7 +323,7 @@ def _submit(queue: TpuQueue, job: Job, args: argparse.Namespace) -> None:
         log(
             "submit",
             f"creating {request.name} ({request.accelerator_type}, {provisioning}) in "
-            f"{request.zone}: {job.container_args[0]} on every worker, attempt "
+            f"{request.zone}: {job.stage} on every worker, attempt "
             f"{attempt} of {attempts}",
         )
         queue.create(request)

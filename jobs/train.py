@@ -7,6 +7,10 @@ computes it directly, so a resumed run sees exactly the batches a straight run w
 (a spot TPU's preemption notice) saves a checkpoint and exits with code 75 so a supervisor
 knows to retry.
 
+`train.init_from` warm-starts a fresh run from another run's final checkpoint (weights,
+buffers and input scale of the same SAEs); the optimizer and the learning-rate schedule start
+afresh. Scheduled retraining (jobs/retrain.py) uses it to continue from the latest good run.
+
 Several hosts (jax.distributed) train one set of SAEs on global batches that each host
 contributes its devices' rows to. From a store (or .npy files) every host reads the same seeded
 stream and keeps its rows of each batch, so the batches are exactly one host's. Streaming, host
@@ -161,14 +165,91 @@ def _open_source(config: PipelineConfig) -> Source:
     return Source(hidden, inputs, tokens_manifest)
 
 
+@dataclasses.dataclass(frozen=True)
+class WarmStart:
+    """train.init_from, checked: a finished train output and the step of its last checkpoint."""
+
+    uri: str
+    step: int
+
+
+def warm_start_source(config: PipelineConfig, d_model: int) -> WarmStart | None:
+    """train.init_from checked before any work: a finished train output whose SAEs are the
+    ones this run trains (names, architectures, layers, widths, d_model)."""
+    cfg, uri = config.train, config.train.init_from
+    if not uri:
+        return None
+    if uri.rstrip("/") == config.sae_uri.rstrip("/"):
+        raise ConfigError(
+            f"train.init_from names this run's own output ({uri}); name an earlier run's"
+        )
+    found = manifest.read(uri)
+    if found is None or found.get("stage") != "train":
+        raise InputError(f"train.init_from: no finished train output at {uri}")
+    saved = found.get("saes", {})
+    for sae_cfg in cfg.saes:
+        name = sae_cfg.display_name()
+        ours = {
+            "trained_as": sae_cfg.architecture,
+            "layer": sae_cfg.layer,
+            "d_in": d_model,
+            "d_sae": d_model * sae_cfg.expansion_factor,
+        }
+        theirs = saved.get(name)
+        if theirs is None:
+            problem = f"it has no SAE {name}"
+        else:
+            differences = [
+                f"{k} {theirs.get(k)} there, {v} here"
+                for k, v in ours.items()
+                if theirs.get(k) != v
+            ]
+            problem = f"{name} has {', '.join(differences)}" if differences else ""
+        if problem:
+            raise InputError(f"train.init_from {uri}: checkpoint from another config ({problem})")
+    checkpoints = Checkpointer(storage.join(uri, "checkpoints"), read_only=True)
+    try:
+        step = checkpoints.latest_step()
+    finally:
+        checkpoints.close()
+    final = found.get("counts", {}).get("steps")
+    if step is None or step != final:
+        raise InputError(
+            f"train.init_from {uri}: its last checkpoint (step {step}) is not its final step "
+            f"({final})"
+        )
+    return WarmStart(uri, step)
+
+
+def _warm_started(
+    trainer: Trainer, states: dict[str, TrainState], warm: WarmStart
+) -> dict[str, TrainState]:
+    """Fresh states with the weights, buffers and input scale of `warm`'s final checkpoint.
+    A fresh Adam state is zeros whatever the weights, so it needs no restoring."""
+    subset = {
+        name: {"params": a.params, "buffers": a.buffers, "input_scale": a.input_scale}
+        for name, a in trainer.abstract_state().items()
+    }
+    checkpoints = Checkpointer(storage.join(warm.uri, "checkpoints"), read_only=True)
+    try:
+        restored = checkpoints.restore_subset(warm.step, subset)
+    finally:
+        checkpoints.close()
+    return {name: state.replace(**restored[name]) for name, state in states.items()}
+
+
 def run(config: PipelineConfig, force: bool = False) -> None:
     cfg = config.train
     source = _open_source(config)
     mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
     _check_mesh(cfg, mesh, source.d_model)
+    warm = warm_start_source(config, source.d_model)
+    if warm is not None:
+        # The starting weights are an input: a changed init source re-runs the stage.
+        source.inputs["init"] = manifest.fingerprint(warm.uri)
 
     def body() -> StageOutput:
-        return _train(config, source, mesh)
+        return _train(config, source, mesh, warm)
 
     primary = jax.process_index() == 0
     section = dataclasses.asdict(cfg)
@@ -304,7 +385,7 @@ def _stream(
     )
 
 
-def _train(config: PipelineConfig, source: Source, mesh) -> StageOutput:
+def _train(config: PipelineConfig, source: Source, mesh, warm: WarmStart | None) -> StageOutput:
     cfg, output = config.train, config.sae_uri
     resume_key = _resume_key(cfg, source.inputs)
     _clear_finished(output)
@@ -321,6 +402,14 @@ def _train(config: PipelineConfig, source: Source, mesh) -> StageOutput:
         batches = itertools.chain([first], batches)
         summary = ", ".join(f"{n} ({m.sae.d_model}->{m.sae.d_sae})" for n, m in members.items())
         log("train", f"fresh run on mesh {dict(mesh.shape)}: {summary}")
+        if warm is not None:
+            states = _warm_started(trainer, states, warm)
+            log(
+                "train",
+                f"warm start from {warm.uri} (step {warm.step}): weights and input scale "
+                "restored; optimizer state, learning-rate schedule and dead-latent counts "
+                "start afresh",
+            )
     else:
         states, _ = checkpoints.restore(start_step, trainer.abstract_state())
         log("train", f"resumed from the checkpoint at step {start_step}")
@@ -383,7 +472,10 @@ def _train(config: PipelineConfig, source: Source, mesh) -> StageOutput:
     if final_step < cfg.steps:
         raise Preempted(f"stopped at step {final_step} on SIGTERM; checkpoint saved")
     progress.close(loss=last_metrics.get(f"{headline}/loss", float("nan")))
-    return _export(config, source, members, states, last_metrics)
+    result = _export(config, source, members, states, last_metrics)
+    if warm is not None:
+        result.extra["init_from"] = {"uri": warm.uri, "step": warm.step}
+    return result
 
 
 class _NoMetricsLog:

@@ -242,6 +242,11 @@ class TrainConfig:
     mesh_data: int = -1
     mesh_model: int = 1
     seed: int = 0
+    # Warm start: a finished train output (a run's sae/ directory) whose last checkpoint gives
+    # the SAEs' starting weights and input scale; the SAEs must have the same names, shapes
+    # and layers. The optimizer state and learning-rate schedule start afresh. Empty: a cold
+    # start. `gemma-sae retrain` sets it to the latest good run's SAEs.
+    init_from: str = ""
 
     def validate(self) -> None:
         if not self.saes:

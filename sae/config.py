@@ -215,7 +215,8 @@ class TrainConfig:
     # Tokens per optimizer step (split over the mesh's data axis).
     batch_size: int = 1024
     steps: int = 600
-    # Sequences per language-model forward pass (split over the mesh's data axis).
+    # Sequences per language-model forward pass on each host (split over that host's devices
+    # on the mesh's data axis).
     lm_batch_size: int = 16
     # Activation rows held for shuffling; bounds host memory whatever the corpus size.
     shuffle_buffer: int = 16384
@@ -299,7 +300,8 @@ class ExtractConfig:
 
     # Layers to store; empty: the layers the train section's SAEs read.
     layers: list[int] = field(default_factory=list)
-    # Sequences per language-model forward pass (split over the mesh's data axis).
+    # Sequences per language-model forward pass on each host (split over that host's devices
+    # on the mesh's data axis).
     lm_batch_size: int = 16
     # Rows per stored chunk: the unit of reading, and of shuffling at chunk level.
     chunk_rows: int = 4096

@@ -82,13 +82,3 @@ def run_stage(
     else:
         log(stage, f"done; {manifest.manifest_uri(output_uri)} is written by process 0")
     return True
-
-
-def require_manifest(output_uri: str, stage: str) -> dict[str, Any]:
-    """The manifest of an upstream stage, or a one-line error saying which stage to run."""
-    from sae.errors import InputError
-
-    found = manifest.read(output_uri)
-    if found is None or found.get("stage") != stage:
-        raise InputError(f"no finished {stage} output at {output_uri}: run the {stage} stage first")
-    return found

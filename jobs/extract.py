@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from jobs.common import StageOutput, log, require_manifest, run_stage
+from jobs.common import StageOutput, log, run_stage
 from sae import activation_store, activations, lm, manifest, sharding, storage, token_shards
 from sae.config import PipelineConfig
 from sae.errors import ConfigError
@@ -29,7 +29,7 @@ from sae.progress import Progress
 
 def run(config: PipelineConfig, force: bool = False) -> None:
     cfg = config.extract
-    tokens_manifest = require_manifest(config.tokens_uri, "tokenize")
+    tokens_manifest = manifest.require(config.tokens_uri, "tokenize")
     layers = config.extract_layers
     lm.check_layers(config.preset_uri, layers)
     mesh = sharding.make_mesh(cfg.mesh_data, 1)

@@ -9,7 +9,7 @@ import numpy as np
 import sentencepiece as spm
 from jax.sharding import Mesh
 
-from jobs.common import StageOutput, log, require_manifest, run_stage
+from jobs.common import StageOutput, log, run_stage
 from sae import (
     evaluation,
     feature_report,
@@ -36,8 +36,8 @@ LOGIT_EFFECTS_TOP = 10
 
 def run(config: PipelineConfig, force: bool = False) -> None:
     cfg = config.report
-    tokens_manifest = require_manifest(config.tokens_uri, "tokenize")
-    require_manifest(config.sae_uri, "train")
+    tokens_manifest = manifest.require(config.tokens_uri, "tokenize")
+    manifest.require(config.sae_uri, "train")
     if config.train.source == "npy":
         raise InputError(
             "report evaluates on the tokenized held-out split through the language model; "
@@ -85,7 +85,7 @@ def _load_saes(config: PipelineConfig, train_manifest: dict) -> tuple[dict[str, 
 
 def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str]) -> StageOutput:
     cfg, output = config.report, config.report_uri
-    saes, preset = _load_saes(config, require_manifest(config.sae_uri, "train"))
+    saes, preset = _load_saes(config, manifest.require(config.sae_uri, "train"))
     layers = sorted({sae_cfg["layer"] for _, _, sae_cfg in saes.values()})
     mesh = sharding.make_mesh(config.train.mesh_data, 1)
     backbone = lm.load_backbone(preset, config.model.dtype)

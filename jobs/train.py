@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jobs.common import Preempted, StageOutput, log, require_manifest, run_stage
+from jobs.common import Preempted, StageOutput, log, run_stage
 from sae import (
     activation_files,
     activation_store,
@@ -149,7 +149,7 @@ def _open_source(config: PipelineConfig) -> Source:
         rows, store_manifest = activation_store.open_store(config.activations_uri, cfg.layers)
         inputs = {"activations": manifest.fingerprint(config.activations_uri)}
         return Source(rows.d_model, inputs, store_manifest, store=rows)
-    tokens_manifest = require_manifest(config.tokens_uri, "tokenize")
+    tokens_manifest = manifest.require(config.tokens_uri, "tokenize")
     shards, processes = len(tokens_manifest["shards"]["train"]), jax.process_count()
     if shards < processes:
         raise InputError(

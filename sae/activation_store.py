@@ -269,11 +269,7 @@ class ShuffledReader:
 
 def open_store(store_uri: str, layers: Sequence[int]) -> tuple[StoreRows, dict]:
     """The rows of a finished store (its extract manifest must exist) for `layers`."""
-    found = manifest.read(store_uri)
-    if found is None or found.get("stage") != "extract":
-        raise InputError(
-            f"no finished activation store at {store_uri}: run the extract stage first"
-        )
+    found = manifest.require(store_uri, "extract", "activation store")
     return StoreRows(store_uri, layers, found["parts"]), found
 
 

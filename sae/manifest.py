@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from sae import storage
+from sae.errors import InputError
 
 MANIFEST_NAME = "manifest.json"
 _PACKAGES = (
@@ -39,6 +40,16 @@ def read(output_uri: str) -> dict[str, Any] | None:
     if not storage.exists(uri):
         return None
     return storage.read_json(uri)
+
+
+def require(output_uri: str, stage: str, what: str = "") -> dict[str, Any]:
+    """The manifest of a finished upstream `stage` output, or a one-line error saying which
+    stage to run (`what` names the output in it; default "<stage> output")."""
+    found = read(output_uri)
+    if found is None or found.get("stage") != stage:
+        name = what or f"{stage} output"
+        raise InputError(f"no finished {name} at {output_uri}: run the {stage} stage first")
+    return found
 
 
 def fingerprint(output_uri: str) -> str:

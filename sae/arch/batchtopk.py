@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sae.arch import common, sparse_ops
-from sae.arch.auxk import aux_latents, auxk_loss
+from sae.arch.auxk import KSparseDictionary, aux_latents, auxk_loss
 from sae.arch.base import LossContext, Params
 
 # Weight of the newest batch cut-off in the running threshold estimate.
@@ -23,15 +23,7 @@ THRESHOLD_MOMENTUM = 0.01
 
 
 @dataclass(frozen=True)
-class BatchTopKSAE(common.StandardDictionary):
-    d_model: int
-    d_sae: int
-    k: int = 32
-    k_aux: int = 0
-    auxk_coefficient: float = 1 / 32
-    decoder_bias_init: str = "mean"
-    matmul_dtype: str = "float32"
-
+class BatchTopKSAE(KSparseDictionary):
     architecture: ClassVar[str] = "batchtopk"
     unit_norm_decoder: ClassVar[bool] = True
 

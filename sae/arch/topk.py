@@ -13,21 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from sae.arch import common, sparse_ops
-from sae.arch.auxk import aux_latents, auxk_loss
+from sae.arch.auxk import KSparseDictionary, aux_latents, auxk_loss
 from sae.arch.base import LossContext, Params
 
 
 @dataclass(frozen=True)
-class TopKSAE(common.StandardDictionary):
-    d_model: int
-    d_sae: int
-    k: int = 32
-    # 0 picks d_model / 2, the paper's choice.
-    k_aux: int = 0
-    auxk_coefficient: float = 1 / 32
-    decoder_bias_init: str = "mean"
-    matmul_dtype: str = "float32"
-
+class TopKSAE(KSparseDictionary):
     architecture: ClassVar[str] = "topk"
     unit_norm_decoder: ClassVar[bool] = True
 

@@ -51,8 +51,8 @@ from sae.errors import ConfigError, InputError
 from sae.metrics_log import MetricsLog
 from sae.optimizer import OptimizerSettings
 from sae.progress import Progress
+from sae.sharding import HostMax
 from sae.training import (
-    HostMax,
     LoopHooks,
     Member,
     Trainer,

@@ -171,7 +171,7 @@ class ActivationTap:
         self._forward = jax.jit(
             self._call, in_shardings=(replicated, batch, batch), out_shardings=batch
         )
-        self._any = jax.jit(jax.numpy.any, in_shardings=batch, out_shardings=replicated)
+        self._host_max = sharding.HostMax(mesh)
 
     def _call(self, weights, token_ids: jax.Array, padding_mask: jax.Array) -> list[jax.Array]:
         trainable, non_trainable = weights
@@ -205,10 +205,7 @@ class ActivationTap:
         return list(outputs)
 
     def any_host(self, flag: bool) -> jax.Array:
-        """Whether `flag` is true on any host, as a replicated device bool. Dispatched like a
+        """Whether `flag` is true on any host (a replicated device 0/1). Dispatched like a
         forward (reading it waits only for the work queued before it), so hosts can agree when
         to stop calling the tap without a blocking barrier per batch."""
-        local = np.full(len(self.mesh.local_devices), flag)
-        if jax.process_count() > 1:
-            local = multihost_utils.host_local_array_to_global_array(local, self.mesh, P(DATA))
-        return self._any(local)
+        return self._host_max(int(flag))

@@ -37,3 +37,22 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return named(mesh)
+
+
+class HostMax:
+    """The maximum of one integer from every host, as a small collective on the mesh that
+    every host dispatches in the same order as its other computations. Returns a replicated
+    device scalar: int() waits for the work queued before it, nothing more."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.sharding = named(mesh, (DATA, MODEL))
+        self.size = mesh.devices.size
+        self._max = jax.jit(jax.numpy.max, out_shardings=replicated(mesh))
+
+    def __call__(self, value: int) -> jax.Array:
+        votes = jax.make_array_from_callback(
+            (self.size,),
+            self.sharding,
+            lambda index: np.full(len(range(*index[0].indices(self.size))), value, np.int32),
+        )
+        return self._max(votes)

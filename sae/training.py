@@ -301,29 +301,10 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
-class HostMax:
-    """The maximum of one integer from every host, as a small collective on the mesh that
-    every host dispatches in the same order as its other computations. Returns a replicated
-    device scalar: int() waits for the work queued before it, nothing more."""
-
-    def __init__(self, mesh: Mesh) -> None:
-        self.sharding = sharding.named(mesh, (sharding.DATA, sharding.MODEL))
-        self.size = mesh.devices.size
-        self._max = jax.jit(jnp.max, out_shardings=sharding.replicated(mesh))
-
-    def __call__(self, value: int) -> jax.Array:
-        votes = jax.make_array_from_callback(
-            (self.size,),
-            self.sharding,
-            lambda index: np.full(len(range(*index[0].indices(self.size))), value, np.int32),
-        )
-        return self._max(votes)
-
-
 def agreed_stop(
     local: Callable[[], bool], host_max: Callable[[int], Any], lag: int = 2
 ) -> Callable[[], bool]:
-    """`should_stop` for several hosts (`host_max`: a HostMax): a stop asked on any host
+    """`should_stop` for several hosts (`host_max`: a sharding.HostMax): a stop asked on any host
     (SIGTERM reaches them at different steps) is seen by all at the same step, `lag` steps
     later, so they checkpoint and leave together. Called once a step on every host; reading
     the vote of `lag` steps back waits only for the work queued before it, so the host still

@@ -263,6 +263,7 @@ def build_sae(sae_cfg: SaeConfig, cfg: TrainConfig, d_model: int) -> SparseAutoe
         "d_sae": d_sae,
         "decoder_bias_init": cfg.decoder_bias_init,
         "matmul_dtype": cfg.matmul_dtype,
+        "normalize_tokens": sae_cfg.normalize_tokens,
     }
     architecture = ARCHITECTURES[sae_cfg.architecture]
     if sae_cfg.architecture == "relu":
@@ -535,6 +536,7 @@ def _export(
             sae.d_sae,
             provenance,
             name=name,
+            normalize_activations="layer_norm" if sae.normalize_tokens else "none",
             input_scale_folded=scale,
             activation_source=cfg.source,
             training_config=dataclasses.asdict(sae_cfg),

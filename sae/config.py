@@ -150,6 +150,9 @@ class SaeConfig:
     jumprelu_init_threshold: float = 0.05
     # ReLU: resample dead latents every N steps; 0 turns it off.
     resample_every: int = 0
+    # Standardise each token before encoding (SAELens' normalize_activations="layer_norm"):
+    # needed by batchtopk and jumprelu when token norms vary (see sae/token_norm.py).
+    normalize_tokens: bool = False
 
     def display_name(self) -> str:
         if self.name:

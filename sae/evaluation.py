@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae import feature_stats
+from sae import feature_stats, token_norm
 from sae.activations import content_mask, sequence_batches
 from sae.arch.base import SparseAutoencoder
 
@@ -40,8 +40,7 @@ class EvalResult:
 def _batch_statistics(sae: SparseAutoencoder, top_k: int):
     def statistics(params, x, mask, stats, first_sequence, seq_len):
         x = x.astype(jnp.float32)  # a bf16 model's activations: sums need float32
-        latents = sae.encode(params, x)
-        reconstruction = sae.decode(params, latents)
+        latents, reconstruction = token_norm.encode_decode(sae, params, x)
         weight = mask.astype(jnp.float32)
         latents = latents * weight[:, None]
         active = latents > 0

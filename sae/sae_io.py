@@ -2,7 +2,9 @@
 
 Training works on activations scaled by `input_scale`; that scale is folded into the saved
 weights (W_enc*s, W_dec/s, b_dec/s) so that the file encodes and decodes raw activations and
-gives the same latents, which is what every downstream user expects.
+gives the same latents, which is what every downstream user expects. An SAE trained on
+per-token standardised inputs (sae.token_norm) says so with normalize_activations="layer_norm",
+which SAELens applies the same way at run time.
 
 cfg.json carries the keys SAELens' config classes read (architecture `standard`, `topk` or
 `jumprelu`, d_in, d_sae, dtype, device, apply_b_dec_to_input, normalize_activations,
@@ -81,6 +83,7 @@ def build_config(
     d_sae: int,
     provenance: Provenance,
     apply_b_dec_to_input: bool = True,
+    normalize_activations: str = "none",
     **extra: Any,
 ) -> dict[str, Any]:
     """cfg.json of an SAE whose weights are in raw activation units (scale folded in).
@@ -94,7 +97,7 @@ def build_config(
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": apply_b_dec_to_input,
-        "normalize_activations": "none",
+        "normalize_activations": normalize_activations,
         "reshape_activations": "none",
         "metadata": {
             "sae_lens_version": SAE_LENS_VERSION,
@@ -202,10 +205,11 @@ def _check_config(cfg: dict[str, Any], config_uri: str) -> None:
             raise InputError(f"{config_uri}: {key} must be a positive integer")
     # Input normalisation at run time (SAELens' other modes) is not something we apply.
     normalize = cfg.get("normalize_activations") or "none"
-    if normalize != "none":
+    if normalize not in ("none", "layer_norm"):
         raise InputError(
             f"{config_uri}: normalize_activations={normalize!r} is not supported; "
-            "fold the normalisation into the weights (normalize_activations='none')"
+            "fold the normalisation into the weights (normalize_activations='none') or "
+            "standardise each token ('layer_norm')"
         )
     if (cfg.get("reshape_activations") or "none") != "none":
         raise InputError(f"{config_uri}: reshape_activations must be 'none'")

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from sae import lm, sharding
+from sae import lm, sharding, token_norm
 from sae.activations import content_mask, sequence_batches
 from sae.arch.base import Params, SparseAutoencoder
 from sae.errors import InputError
@@ -54,7 +54,7 @@ class SplicedModel:
 def sae_model(sae: SparseAutoencoder, params: dict[str, np.ndarray]) -> SplicedModel:
     """The SAE's reconstruction of raw activations (saved SAEs have the input scale folded in,
     so they read activations exactly as the model produces them)."""
-    return SplicedModel(lambda p, x: sae.decode(p, sae.encode(p, x)), params)
+    return SplicedModel(lambda p, x: token_norm.encode_decode(sae, p, x)[1], params)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from sae import sharding
+from sae import sharding, token_norm
 from sae.arch.base import LossContext, Params, SparseAutoencoder
 from sae.optimizer import OptimizerSettings, learning_rate_schedule, make_optimizer
 from sae.resampling import resample_dead
@@ -62,8 +62,13 @@ class Member:
     resample_every: int = 0
 
     def input_of(self, batch: Any) -> Any:
+        """This SAE's columns of a batch, standardised per token if it trains so (before
+        the input scale, which is then ~1)."""
         start, stop = self.columns
-        return batch[:, start:] if stop == -1 else batch[:, start:stop]
+        rows = batch[:, start:] if stop == -1 else batch[:, start:stop]
+        if self.sae.normalize_tokens:
+            return token_norm.standardize(rows.astype(jnp.float32))[0]
+        return rows
 
 
 def input_scale(sample: np.ndarray) -> float:
@@ -170,7 +175,7 @@ class Trainer:
         """Fresh states from a first batch of raw activation rows (all members' columns)."""
         states = {}
         for index, (name, member) in enumerate(self.members.items()):
-            rows = np.asarray(member.input_of(sample), np.float32)
+            rows = np.asarray(member.input_of(jnp.asarray(sample, jnp.float32)))
             scale = input_scale(rows)
             key = jax.random.fold_in(jax.random.key(seed), index)
             with jax.set_mesh(self.mesh):

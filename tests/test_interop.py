@@ -25,7 +25,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from jobs import import_sae
-from sae import manifest, sae_io, storage
+from sae import manifest, sae_io, storage, token_norm
 from sae.arch import ARCHITECTURES
 from sae.errors import InputError, SaeError
 
@@ -80,7 +80,8 @@ class SaeLensReference:
         declared = SAELENS_FIELDS[architecture]  # KeyError: SAELens has no such class
         fields = {key: cfg.get(key, default) for key, default in declared.items()}
         assert fields["d_in"] is not None and fields["d_sae"] is not None
-        assert fields["normalize_activations"] == "none"  # anything else acts at run time
+        # "layer_norm" standardises each token at run time (below); others are not written.
+        assert fields["normalize_activations"] in ("none", "layer_norm")
         assert fields["reshape_activations"] == "none"
         assert fields["dtype"] == "float32" and fields["device"] == "cpu"
         raw = load_file(str(path / "sae_weights.safetensors"))
@@ -94,7 +95,14 @@ class SaeLensReference:
 
     def hidden_pre(self, x: np.ndarray) -> np.ndarray:
         w = self.weights
-        sae_in = x.astype(np.float64) - w["b_dec"] * self.fields["apply_b_dec_to_input"]
+        x = x.astype(np.float64)
+        if self.fields["normalize_activations"] == "layer_norm":
+            # SAELens keeps the token's mean and deviation for decode (run_time_activation_ln).
+            mean = x.mean(axis=-1, keepdims=True)
+            std = (x - mean).std(axis=-1, ddof=1, keepdims=True)
+            x = (x - mean) / (std + 1e-5)
+            self.layer_norm = (mean, std)
+        sae_in = x - w["b_dec"] * self.fields["apply_b_dec_to_input"]
         pre = sae_in @ w["W_enc"] + w["b_enc"]
         if self.architecture == "topk" and self.fields["rescale_acts_by_decoder_norm"]:
             pre = pre * np.linalg.norm(w["W_dec"], axis=-1)
@@ -116,7 +124,11 @@ class SaeLensReference:
         w_dec = self.weights["W_dec"]
         if self.architecture == "topk" and self.fields["rescale_acts_by_decoder_norm"]:
             latents = latents / np.linalg.norm(w_dec, axis=-1)
-        return latents @ w_dec + self.weights["b_dec"]
+        out = latents @ w_dec + self.weights["b_dec"]
+        if self.fields["normalize_activations"] == "layer_norm":
+            mean, std = self.layer_norm
+            out = out * std + mean
+        return out
 
     def decided(self, x: np.ndarray, margin: float = 1e-4) -> np.ndarray:
         """Entries whose firing float32 rounding cannot flip (away from the threshold or, for
@@ -147,10 +159,10 @@ def _assert_same_latents(ours: np.ndarray, reference: SaeLensReference, x: np.nd
     assert np.count_nonzero(expected) > 0
 
 
-def _trained_weights(architecture: str) -> tuple[object, dict]:
+def _trained_weights(architecture: str, normalize_tokens: bool = False) -> tuple[object, dict]:
     """An SAE as training leaves it: random non-trivial biases and thresholds."""
     options = {"k": 8} if architecture in ("topk", "batchtopk") else {}
-    sae = ARCHITECTURES[architecture](D, WIDTH, **options)
+    sae = ARCHITECTURES[architecture](D, WIDTH, normalize_tokens=normalize_tokens, **options)
     sample = jnp.asarray(_inputs(0) * SCALE)
     params = sae.init_params(jax.random.key(0), sample)
     rng = np.random.default_rng(2)
@@ -172,12 +184,20 @@ def _provenance(layer: int = 1) -> sae_io.Provenance:
     )
 
 
-def _export(tmp_path: Path, architecture: str) -> tuple[Path, object, dict]:
+def _export(
+    tmp_path: Path, architecture: str, normalize_tokens: bool = False
+) -> tuple[Path, object, dict]:
     """What the train stage writes for one SAE (same calls as jobs.train._export)."""
-    sae, weights = _trained_weights(architecture)
+    sae, weights = _trained_weights(architecture, normalize_tokens)
     exported = jax.tree.map(np.asarray, sae.export_weights(weights))
     cfg = sae_io.build_config(
-        sae.export_config(), D, WIDTH, _provenance(), name=architecture, input_scale_folded=SCALE
+        sae.export_config(),
+        D,
+        WIDTH,
+        _provenance(),
+        normalize_activations="layer_norm" if normalize_tokens else "none",
+        name=architecture,
+        input_scale_folded=SCALE,
     )
     directory = tmp_path / architecture
     sae_io.save(str(directory), sae_io.fold_input_scale(exported, SCALE), cfg)
@@ -224,6 +244,33 @@ def test_export_is_saelens_v6_and_encodes_like_training(architecture, tmp_path):
     np.testing.assert_allclose(reconstruction, reference.decode(ours), rtol=1e-4, atol=1e-4)
     trained_reconstruction = np.asarray(sae.decode(weights, jnp.asarray(trained))) / SCALE
     np.testing.assert_allclose(reconstruction, trained_reconstruction, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "jumprelu", "topk"])
+def test_token_standardised_export_reads_raw_activations_like_saelens_layer_norm(
+    architecture, tmp_path
+):
+    """Trained on standardised tokens: the file says layer_norm, and both our loader and
+    SAELens' run-time standardisation give training's latents and reconstruction."""
+    directory, sae, weights = _export(tmp_path, architecture, normalize_tokens=True)
+    cfg = json.loads((directory / "cfg.json").read_text())
+    assert cfg["normalize_activations"] == "layer_norm"
+
+    x = _inputs()
+    standardized, mean, deviation = token_norm.standardize(jnp.asarray(x))
+    trained = sae.encode(weights, standardized * SCALE)
+    trained_reconstruction = sae.decode(weights, trained) / SCALE * deviation + mean
+    loaded, params, _ = sae_io.load(str(directory))
+    assert loaded.normalize_tokens
+    ours, reconstruction = token_norm.encode_decode(loaded, params, jnp.asarray(x))
+    np.testing.assert_allclose(ours, trained, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(reconstruction, trained_reconstruction, rtol=1e-4, atol=1e-4)
+
+    reference = SaeLensReference.load_from_disk(directory)
+    _assert_same_latents(np.asarray(ours), reference, x)
+    np.testing.assert_allclose(
+        reconstruction, reference.decode(np.asarray(ours)), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_load_folds_saelens_options_our_encoder_lacks(tmp_path):

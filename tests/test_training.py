@@ -142,3 +142,32 @@ def test_resampling_points_dead_latents_at_badly_reconstructed_inputs():
     assert (
         float(jnp.abs(mu["W_enc"][:, :5]).max()) == 0.0 and float(mu["W_enc"][:, 5:].min()) == 1.0
     )
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "jumprelu"])
+def test_token_standardisation_makes_training_blind_to_each_tokens_scale(architecture):
+    """With normalize_tokens, rescaling every token by its own factor changes nothing: the
+    first batch (input scale, decoder bias) and every step see standardised tokens."""
+    x = _data()
+    factors = np.random.default_rng(3).uniform(0.3, 3.0, size=(len(x), 1)).astype(np.float32)
+    optimizer = OptimizerSettings(1e-3, 4)
+    options = {"k": 4} if architecture == "batchtopk" else {}
+    sae = ARCHITECTURES[architecture](D, WIDTH, normalize_tokens=True, **options)
+
+    def train(data: np.ndarray):
+        trainer = Trainer({"sae": Member(sae, optimizer, (0, D))}, _single_device()[0].mesh, 128)
+        states = trainer.init_state(seed=0, sample=data)
+        for i in range(4):
+            states, _ = trainer.step(states, data[i * 128 : (i + 1) * 128])
+        return jax.tree.map(np.asarray, states["sae"].params)
+
+    plain, rescaled = train(x), train(x * factors)
+    # Rounding can move a pre-activation across JumpReLU's kernel edge: a loose atol.
+    for key in plain:
+        np.testing.assert_allclose(rescaled[key], plain[key], rtol=1e-3, atol=5e-3, err_msg=key)
+    raw = ARCHITECTURES[architecture](D, WIDTH, **options)  # without it, the scales matter
+    with_scales = Trainer({"sae": Member(raw, optimizer, (0, D))}, _single_device()[0].mesh, 128)
+    assert not np.allclose(
+        with_scales.init_state(0, x)["sae"].params["b_dec"],
+        with_scales.init_state(0, x * factors)["sae"].params["b_dec"],
+    )

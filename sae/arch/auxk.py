@@ -30,6 +30,8 @@ class KSparseDictionary(common.StandardDictionary):
     auxk_coefficient: float = 1 / 32
     decoder_bias_init: str = "mean"
     matmul_dtype: str = "float32"
+    # Standardise each token before encoding (sae.token_norm).
+    normalize_tokens: bool = False
 
 
 def aux_latents(k_aux: int, d_model: int, d_sae: int) -> int:

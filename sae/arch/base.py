@@ -31,6 +31,9 @@ class SparseAutoencoder(Protocol):
     d_sae: int
     # Decoder rows held at unit norm (gradient parallel to each row removed, then renormed).
     unit_norm_decoder: bool
+    # Inputs are standardised per token before encoding (sae.token_norm); encode and decode
+    # themselves work on the standardised inputs.
+    normalize_tokens: bool
 
     def init_params(self, key: jax.Array, sample: jax.Array) -> Params:
         """Initial parameters; `sample` is a first batch of (normalised) activations."""

@@ -21,12 +21,12 @@ STANDARD_SPECS: dict[str, tuple[str | None, ...]] = {
 class StandardDictionary:
     """What most architectures share: encoder, decoder and their biases, sharded by
     STANDARD_SPECS; no buffers; a dense decoder; exported as trained. Dataclass subclasses
-    define the fields used here (d_model, d_sae, decoder_bias_init, matmul_dtype) and override
-    what differs."""
+    define the fields used here (d_model, d_sae, decoder_bias_init, matmul_dtype,
+    normalize_tokens) and override what differs."""
 
     @classmethod
     def from_export(cls, cfg: dict[str, Any]) -> Any:
-        return cls(d_model=cfg["d_in"], d_sae=cfg["d_sae"])
+        return cls(d_model=cfg["d_in"], d_sae=cfg["d_sae"], **export_options(cfg))
 
     def export_weights(self, weights: Params) -> Params:
         return dict(weights)
@@ -45,6 +45,11 @@ class StandardDictionary:
 
     def update_buffers(self, buffers: Params, outputs: dict[str, Any], step: jax.Array) -> Params:
         return buffers
+
+
+def export_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Constructor settings every architecture reads from an exported cfg.json."""
+    return {"normalize_tokens": cfg.get("normalize_activations") == "layer_norm"}
 
 
 def dense_outputs(

@@ -24,7 +24,9 @@ class TopKSAE(KSparseDictionary):
 
     @classmethod
     def from_export(cls, cfg: dict[str, Any]) -> TopKSAE:
-        return cls(d_model=cfg["d_in"], d_sae=cfg["d_sae"], k=cfg["k"])
+        return cls(
+            d_model=cfg["d_in"], d_sae=cfg["d_sae"], k=cfg["k"], **common.export_options(cfg)
+        )
 
     def export_config(self) -> dict[str, Any]:
         # Selection on the plain pre-activations (the decoder rows are unit norm in training).

@@ -203,7 +203,8 @@ def _check_config(cfg: dict[str, Any], config_uri: str) -> None:
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
             raise InputError(f"{config_uri}: {key} must be a positive integer")
-    # Input normalisation at run time (SAELens' other modes) is not something we apply.
+    # Of SAELens' run-time input normalisations only per-token standardisation is applied
+    # (sae.token_norm); a dataset-level scale must be folded into the weights.
     normalize = cfg.get("normalize_activations") or "none"
     if normalize not in ("none", "layer_norm"):
         raise InputError(

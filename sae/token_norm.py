@@ -31,13 +31,6 @@ def standardize(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return centred / (deviation + EPS), mean, deviation
 
 
-def encode(sae: SparseAutoencoder, weights: Params, x: jax.Array) -> jax.Array:
-    """Latents of raw activations, standardising them first where the SAE was trained so."""
-    if sae.normalize_tokens:
-        x = standardize(x)[0]
-    return sae.encode(weights, x)
-
-
 def encode_decode(
     sae: SparseAutoencoder, weights: Params, x: jax.Array
 ) -> tuple[jax.Array, jax.Array]:

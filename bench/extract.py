@@ -29,10 +29,12 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sae import activation_store, activations, lm, sharding  # noqa: E402
+from sae import sharding  # noqa: E402
 from sae.arch import ARCHITECTURES  # noqa: E402
-from sae.optimizer import OptimizerSettings  # noqa: E402
-from sae.training import Member, Trainer  # noqa: E402
+from sae.data import activation_store, activations
+from sae.model import lm
+from sae.train.optimizer import OptimizerSettings  # noqa: E402
+from sae.train.step import Member, Trainer  # noqa: E402
 
 GEMMA2_2B = {
     "vocabulary_size": 256000,

@@ -25,8 +25,10 @@ from datetime import date
 import apache_beam as beam
 import sentencepiece as spm
 
-from sae import demo_corpus, storage, token_shards, tokenize_beam
-from sae.tiny_model import train_tokenizer
+from sae.data import token_shards, tokenize_beam
+from sae.demo import corpus as demo_corpus
+from sae.demo.tiny_model import train_tokenizer
+from sae.io import storage
 
 
 def plain_loop(files: list[str], proto: bytes, sequence_length: int) -> dict[str, int]:

@@ -24,8 +24,8 @@ import numpy as np
 
 from sae import sharding
 from sae.arch import ARCHITECTURES
-from sae.optimizer import OptimizerSettings
-from sae.training import Member, Trainer
+from sae.train.optimizer import OptimizerSettings
+from sae.train.step import Member, Trainer
 
 SHAPES = {
     "small": {"d_model": 256, "d_sae": 2048, "batch": 1024, "k": 32},

@@ -38,7 +38,7 @@ output "tpu_network" {
 
 output "startup_script_template" {
   description = "Path of the TPU VM startup script template, shared with gemma-sae submit (its header lists the variables)."
-  value       = "${path.module}/../jobs/templates/tpu_startup.sh.tftpl"
+  value       = "${path.module}/../jobs/cloud/templates/tpu_startup.sh.tftpl"
 }
 
 output "tpu_vms" {

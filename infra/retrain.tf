@@ -6,14 +6,14 @@
 #   Each run is RETRAIN_WORKDIR/runs/<UTC timestamp>/, warm-started from the run that
 #   RETRAIN_WORKDIR/LATEST names; LATEST moves only when a run succeeds, a week without new
 #   corpus files or config changes makes no run, and stages whose manifests match are skipped
-#   (jobs/retrain.py).
+#   (jobs/cloud/retrain.py).
 locals {
   retrain_workdir       = var.retrain_workdir != "" ? var.retrain_workdir : "${google_storage_bucket.data.url}/retrain"
   retrain_status_prefix = "${google_storage_bucket.data.url}/${trimsuffix(var.retrain_status_prefix, "/")}"
   retrain_deadline_s    = var.retrain_timeout_hours * 3600
   retrain_by_repository = startswith(var.retrain_source, "projects/")
 
-  retrain_startup_script = templatefile("${path.module}/../jobs/templates/tpu_startup.sh.tftpl", {
+  retrain_startup_script = templatefile("${path.module}/../jobs/cloud/templates/tpu_startup.sh.tftpl", {
     image         = "${local.repository_url}/${var.image_name}:${var.retrain_image_tag}"
     stage         = var.retrain_stage
     config        = var.retrain_config

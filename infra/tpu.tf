@@ -1,6 +1,6 @@
 # TPU v5e VMs managed by Terraform, one per entry of var.tpu_vms (none by default, so applying
 # the shared resources starts no TPU). Each runs one gemma-sae stage at boot on every worker
-# (jobs/templates/tpu_startup.sh.tftpl, the script `gemma-sae submit` sends too) and then
+# (jobs/cloud/templates/tpu_startup.sh.tftpl, the script `gemma-sae submit` sends too) and then
 # stays up until it is removed from var.tpu_vms; the scheduled retraining (retrain.tf)
 # creates and deletes its own slices instead.
 locals {
@@ -8,7 +8,7 @@ locals {
     for name, vm in var.tpu_vms : name => {
       accelerator_type = coalesce(vm.accelerator_type, var.tpu_accelerator_type)
       spot             = coalesce(vm.spot, var.tpu_spot)
-      startup_script = templatefile("${path.module}/../jobs/templates/tpu_startup.sh.tftpl", {
+      startup_script = templatefile("${path.module}/../jobs/cloud/templates/tpu_startup.sh.tftpl", {
         image         = "${local.repository_url}/${var.image_name}:${vm.image_tag}"
         stage         = vm.stage
         config        = vm.config

@@ -23,8 +23,8 @@ STAGES = ("demo", "tokenize", "extract", "train", "report", "pipeline")
 TOOLS = {
     "steer": "jobs.steer",
     "import-gemma-scope": "jobs.import_sae",
-    "submit": "jobs.submit",
-    "retrain": "jobs.retrain",
+    "submit": "jobs.cloud.submit",
+    "retrain": "jobs.cloud.retrain",
 }
 
 
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def stage() -> None:
-        from jobs.common import init_distributed
         from sae.config import load
+        from sae.sharding import init_distributed
 
         init_distributed()
         _dispatch(args.stage, load(args.config, args.overrides), args.force)
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 def _guarded(body: Callable[[], None]) -> int:
     """Run a stage or tool with the exit codes the supervisor and users rely on."""
     _prepare_environment()
-    from jobs.common import PREEMPTED_EXIT_CODE, Preempted
-    from sae.errors import SaeError
+    from sae.errors import PREEMPTED_EXIT_CODE, Preempted, SaeError
 
     try:
         body()

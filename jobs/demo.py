@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from jobs.common import StageOutput, log, run_stage
-from sae import manifest
 from sae.config import PipelineConfig
 from sae.errors import ConfigError
+from sae.io import manifest
+from sae.io.stages import StageOutput, run_stage
+from sae.progress import log
 
 
 def tiny_model_spec(config: PipelineConfig):
-    from sae.tiny_model import TinyModelSpec
+    from sae.demo.tiny_model import TinyModelSpec
 
     demo = config.demo
     heads = 4
@@ -35,7 +36,7 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     corpus_config = {k: getattr(demo, k) for k in ("num_documents", "num_files", "seed")}
 
     def write_corpus() -> StageOutput:
-        from sae.demo_corpus import write_demo_corpus
+        from sae.demo.corpus import write_demo_corpus
 
         uris = write_demo_corpus(
             config.demo_corpus_dir, demo.num_documents, demo.num_files, demo.seed
@@ -48,8 +49,8 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     inputs = {"corpus": manifest.fingerprint(config.demo_corpus_dir)}
 
     def train_model() -> StageOutput:
-        from sae.demo_corpus import generate_documents
-        from sae.tiny_model import make_tiny_preset
+        from sae.demo.corpus import generate_documents
+        from sae.demo.tiny_model import make_tiny_preset
 
         texts = list(generate_documents(demo.num_documents, demo.seed))
         log(

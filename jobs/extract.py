@@ -20,18 +20,21 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from jobs.common import StageOutput, log, run_stage
-from sae import activation_store, activations, lm, manifest, sharding, storage, token_shards
+from sae import sharding
 from sae.config import PipelineConfig
+from sae.data import activation_store, activations, token_shards
 from sae.errors import ConfigError
-from sae.progress import Progress
+from sae.io import manifest, presets, storage
+from sae.io.stages import StageOutput, run_stage
+from sae.model import lm
+from sae.progress import Progress, log
 
 
 def run(config: PipelineConfig, force: bool = False) -> None:
     cfg = config.extract
     tokens_manifest = manifest.require(config.tokens_uri, "tokenize")
     layers = config.extract_layers
-    lm.check_layers(config.preset_uri, layers)
+    presets.check_layers(config.preset_uri, layers)
     mesh = sharding.make_mesh(cfg.mesh_data, 1)
     _check_mesh(mesh, cfg.lm_batch_size)
     inputs = {

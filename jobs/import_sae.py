@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jobs.common import log
-from sae import gemma_scope, manifest, storage
 from sae.errors import InputError
+from sae.io import gemma_scope, manifest, storage
+from sae.progress import log
 
 STAGE = "train"  # what the report stage reads SAEs from
 

@@ -9,26 +9,23 @@ import numpy as np
 import sentencepiece as spm
 from jax.sharding import Mesh
 
-from jobs.common import StageOutput, log, run_stage
-from sae import (
+from sae import sharding
+from sae.analysis import (
     evaluation,
     feature_report,
     features,
-    lm,
     logit_effects,
-    manifest,
     plots,
     report_html,
-    sae_io,
-    sharding,
-    spliced,
     steering,
-    storage,
 )
 from sae.config import PipelineConfig
+from sae.data.token_shards import iter_sequences
 from sae.errors import InputError
-from sae.progress import Progress
-from sae.token_shards import iter_sequences
+from sae.io import manifest, presets, saelens, storage
+from sae.io.stages import StageOutput, run_stage
+from sae.model import lm, spliced
+from sae.progress import Progress, log
 
 # Tokens listed per feature as raised and as lowered most by its decoder direction.
 LOGIT_EFFECTS_TOP = 10
@@ -65,15 +62,15 @@ def _load_saes(config: PipelineConfig, train_manifest: dict) -> tuple[dict[str, 
     names = list(train_manifest.get("saes", {}))
     if not names:
         raise InputError(f"the train manifest at {config.sae_uri} lists no SAEs")
-    loaded = {name: sae_io.load(storage.join(config.sae_uri, name)) for name in names}
+    loaded = {name: saelens.load(storage.join(config.sae_uri, name)) for name in names}
     presets = {sae_cfg["model_preset"] for _, _, sae_cfg in loaded.values()}
     if len(presets) > 1:
         raise InputError(f"the SAEs of {config.sae_uri} were trained on different models")
     preset = presets.pop()
-    lm.check_layers(preset, [sae_cfg["layer"] for _, _, sae_cfg in loaded.values()])
-    hidden = int(lm.backbone_config(preset)["hidden_dim"])
+    presets.check_layers(preset, [sae_cfg["layer"] for _, _, sae_cfg in loaded.values()])
+    hidden = int(presets.backbone_config(preset)["hidden_dim"])
     for name, (sae, _, sae_cfg) in loaded.items():
-        sae_io.check_model_dim(sae_cfg, hidden, name, preset)
+        saelens.check_model_dim(sae_cfg, hidden, name, preset)
         out_of_range = [i for i in config.report.steering_features if i >= sae.d_sae]
         if out_of_range:
             raise InputError(
@@ -113,7 +110,7 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
     del tap  # its device copy of the weights; the spliced pass makes its own
     if cfg.spliced_sequences:
         _add_spliced_metrics(config, backbone, saes, results, eval_shards, bos_id, mesh)
-    processor = spm.SentencePieceProcessor(model_proto=lm.tokenizer_proto(preset))
+    processor = spm.SentencePieceProcessor(model_proto=presets.tokenizer_proto(preset))
     w_u = logit_effects.unembedding(backbone)
     training_log = plots.read_training_log(storage.join(config.sae_uri, "metrics.jsonl"))
     files: list[str] = []
@@ -190,7 +187,7 @@ def _report_one(
     training_log: list[dict],
 ) -> list[str]:
     """metrics.json, the feature report (features.json, dashboard, plots: see
-    sae.feature_report) and steering vectors of one SAE."""
+    sae.analysis.feature_report) and steering vectors of one SAE."""
     cfg = config.report
     output = storage.join(config.report_uri, name)
     preset = sae_cfg["model_preset"]

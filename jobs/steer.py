@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jobs.common import log
-from sae import lm, sae_io, steering, storage
+from sae.analysis import steering
 from sae.config import load as load_config
 from sae.errors import ConfigError, InputError
+from sae.io import presets, saelens, storage
+from sae.progress import log
 
 
 @dataclass(frozen=True)
@@ -139,14 +140,16 @@ def plan(args: argparse.Namespace) -> SteerPlan:
         raise ConfigError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.top_k < 0:
         raise ConfigError(f"--top-k must not be negative, got {args.top_k}")
-    sae, params, sae_cfg = sae_io.load(args.sae)
+    sae, params, sae_cfg = saelens.load(args.sae)
     _check_feature(args.feature, sae.d_sae, args.sae)
     layer = _check_layer(args.layer, sae_cfg, args.allow_layer_mismatch, args.sae)
     _check_hook(sae_cfg, args.sae)
     preset = _choose_preset(args.model_preset, config.model.preset, sae_cfg, config.preset_uri)
-    lm.check_layers(preset, [layer])
-    sae_io.check_model_dim(sae_cfg, lm.backbone_config(preset)["hidden_dim"], args.sae, preset)
-    vocabulary = int(lm.backbone_config(preset)["vocabulary_size"])
+    presets.check_layers(preset, [layer])
+    saelens.check_model_dim(
+        sae_cfg, presets.backbone_config(preset)["hidden_dim"], args.sae, preset
+    )
+    vocabulary = int(presets.backbone_config(preset)["vocabulary_size"])
     if args.top_k > vocabulary:
         raise ConfigError(f"--top-k {args.top_k} is larger than the vocabulary ({vocabulary})")
     directions, _ = steering.unit_directions(params["W_dec"], [args.feature])
@@ -188,7 +191,7 @@ def render(plan: SteerPlan, prompt: str, generations: list, sampling: str) -> st
 def main(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     steer = plan(args)
-    from sae.generation import SteeredGenerator
+    from sae.model.generation import SteeredGenerator
 
     log("steer", f"loading {steer.preset}")
     generator = SteeredGenerator.from_preset(steer.preset, steer.dtype)

@@ -7,10 +7,12 @@ import hashlib
 
 import sentencepiece as spm
 
-from jobs.common import StageOutput, log, run_stage
-from sae import corpus, lm, storage, token_shards, tokenize_beam
 from sae.config import PipelineConfig
+from sae.data import corpus, token_shards, tokenize_beam
 from sae.errors import InputError
+from sae.io import presets, storage
+from sae.io.stages import StageOutput, run_stage
+from sae.progress import log
 
 
 def _progress_total(fmt: str, files: list[str]) -> int:
@@ -40,7 +42,7 @@ def _processor(proto: bytes, source: str) -> spm.SentencePieceProcessor:
 def run(config: PipelineConfig, force: bool = False) -> None:
     cfg = config.tokenize
     files = corpus.find_corpus_files(config.corpus_uri)
-    proto = lm.chosen_tokenizer_proto(cfg.tokenizer, config.preset_uri)
+    proto = presets.chosen_tokenizer_proto(cfg.tokenizer, config.preset_uri)
     processor = _processor(proto, cfg.tokenizer or f"the tokenizer of {config.preset_uri}")
     if cfg.add_eos and processor.eos_id() < 0:
         raise InputError("tokenize.add_eos is set but the tokenizer has no EOS piece")

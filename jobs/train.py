@@ -9,7 +9,7 @@ knows to retry.
 
 `train.init_from` warm-starts a fresh run from another run's final checkpoint (weights,
 buffers and input scale of the same SAEs); the optimizer and the learning-rate schedule start
-afresh. Scheduled retraining (jobs/retrain.py) uses it to continue from the latest good run.
+afresh. Scheduled retraining (jobs/cloud/retrain.py) uses it to continue from the latest good run.
 
 Several hosts (jax.distributed) train one set of SAEs on global batches that each host
 contributes its devices' rows to. From a store (or .npy files) every host reads the same seeded
@@ -33,26 +33,20 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jobs.common import Preempted, StageOutput, log, run_stage
-from sae import (
-    activation_files,
-    activation_store,
-    activations,
-    lm,
-    manifest,
-    sae_io,
-    sharding,
-    storage,
-)
+from sae import sharding
 from sae.arch import ARCHITECTURES, SparseAutoencoder
-from sae.checkpoint import Checkpointer
 from sae.config import PipelineConfig, SaeConfig, TrainConfig
-from sae.errors import ConfigError, InputError
-from sae.metrics_log import MetricsLog
-from sae.optimizer import OptimizerSettings
-from sae.progress import Progress
+from sae.data import activation_files, activation_store, activations
+from sae.errors import ConfigError, InputError, Preempted
+from sae.io import manifest, presets, saelens, storage
+from sae.io.stages import StageOutput, run_stage
+from sae.model import lm
+from sae.progress import Progress, log
 from sae.sharding import HostMax
-from sae.training import (
+from sae.train.checkpoint import Checkpointer
+from sae.train.metrics_log import MetricsLog
+from sae.train.optimizer import OptimizerSettings
+from sae.train.step import (
     LoopHooks,
     Member,
     Trainer,
@@ -156,8 +150,8 @@ def _open_source(config: PipelineConfig) -> Source:
             f"{shards} train shard(s) for {processes} hosts: each host streams its own shards; "
             "tokenize into at least as many shards as hosts"
         )
-    lm.check_layers(config.preset_uri, cfg.layers)
-    hidden = int(lm.backbone_config(config.preset_uri)["hidden_dim"])
+    presets.check_layers(config.preset_uri, cfg.layers)
+    hidden = int(presets.backbone_config(config.preset_uri)["hidden_dim"])
     inputs = {
         "tokens": manifest.fingerprint(config.tokens_uri),
         "model": storage.fingerprint_tree(config.preset_uri),
@@ -516,13 +510,13 @@ def _export(
     outputs, exported = [], {}
     # .npy rows come with neither a model nor a text corpus to name.
     from_text = source.npy is None
-    model_name = sae_io.model_name(config.preset_uri) if from_text else None
+    model_name = saelens.model_name(config.preset_uri) if from_text else None
     for sae_cfg in cfg.saes:
         name = sae_cfg.display_name()
         sae, state = members[name].sae, states[name]
         weights = to_host(sae.export_weights({**state.params, **state.buffers}))
         scale = float(state.input_scale)
-        provenance = sae_io.Provenance(
+        provenance = saelens.Provenance(
             layer=sae_cfg.layer,
             model_preset=config.preset_uri,
             model_name=model_name,
@@ -530,7 +524,7 @@ def _export(
             dataset_path=config.corpus_uri if from_text else None,
             training_tokens=cfg.steps * cfg.batch_size,
         )
-        exported[name] = sae_io.build_config(
+        exported[name] = saelens.build_config(
             sae.export_config(),
             sae.d_model,
             sae.d_sae,
@@ -541,9 +535,9 @@ def _export(
             activation_source=cfg.source,
             training_config=dataclasses.asdict(sae_cfg),
         )
-        folded = sae_io.fold_input_scale(weights, scale)
+        folded = saelens.fold_input_scale(weights, scale)
         if jax.process_index() == 0:  # every host has the weights; one writes them
-            outputs += sae_io.save(storage.join(output, name), folded, exported[name])
+            outputs += saelens.save(storage.join(output, name), folded, exported[name])
     counts = {
         "steps": cfg.steps,
         "tokens": cfg.steps * cfg.batch_size,

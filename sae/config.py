@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
-from sae import storage
 from sae.errors import ConfigError
+from sae.io import storage
 
 
 @dataclass

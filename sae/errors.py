@@ -15,3 +15,10 @@ class InputError(SaeError):
 
 class StorageError(SaeError):
     """A storage location cannot be read or written."""
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the job stopped cleanly and should be retried
+
+
+class Preempted(Exception):
+    """A stage stopped on SIGTERM after saving its progress."""

@@ -68,3 +68,7 @@ class Progress:
         for key, value in extras.items():
             parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
         print(" | ".join(parts), file=self.stream, flush=True)
+
+
+def log(stage: str, message: str) -> None:
+    print(f"[{stage}] {message}", file=sys.stderr, flush=True)

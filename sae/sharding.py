@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -56,3 +58,24 @@ class HostMax:
             lambda index: np.full(len(range(*index[0].indices(self.size))), value, np.int32),
         )
         return self._max(votes)
+
+
+def init_distributed() -> None:
+    """Join the hosts of a multi-host slice into one JAX runtime, before any device is used.
+
+    On a multi-host TPU VM slice (v5e-16 and up) JAX finds its peers from the TPU metadata;
+    elsewhere JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID name them. A
+    single host needs nothing. Several CPU processes (the multi-host test) talk over gloo,
+    jax's default `jax_cpu_collectives_implementation`, so nothing is set for them either.
+    """
+    import jax
+
+    coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if coordinator:
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()

@@ -189,7 +189,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory):
 def reuse_run(local_run, workdir) -> list[str]:
     """Overrides for a run in `workdir` on `local_run`'s model, corpus and tokens (copied), so
     a test can run single stages after tokenize."""
-    from sae import storage
+    from sae.io import storage
 
     storage.upload_tree(str(local_run / "tokens"), str(workdir / "tokens"))
     return [

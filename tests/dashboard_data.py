@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpy as np
 
-from sae import evaluation, feature_report, features, logit_effects
+from sae.analysis import evaluation, feature_report, features, logit_effects
 from sae.arch import ReluSAE
 
 D_MODEL, D_SAE, VOCAB, SEQ_LEN, SEQUENCES = 16, 48, 64, 24, 120

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from sae import activation_files
+from sae.data import activation_files
 from sae.errors import InputError
 
 

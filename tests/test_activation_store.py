@@ -4,8 +4,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from sae import activation_store, storage
+from sae.data import activation_store
 from sae.errors import InputError
+from sae.io import storage
 
 D, LAYERS = 8, [1, 3]
 

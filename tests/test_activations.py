@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from sae.activations import ShuffleBuffer, activation_chunks, content_mask, sequence_batches
+from sae.data.activations import ShuffleBuffer, activation_chunks, content_mask, sequence_batches
 
 
 def test_content_mask_drops_bos_and_padding():

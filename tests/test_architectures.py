@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae import sae_io
 from sae.arch import ARCHITECTURES, LossContext, from_export_config
 from sae.arch.jumprelu import jump_relu, step_function
+from sae.io import saelens
 
 from .test_training import WIDTH, D, _data
 
@@ -50,8 +50,8 @@ def test_export_with_folded_scale_encodes_raw_activations(architecture, tmp_path
     trained_latents = sae.encode(weights, jnp.asarray(raw * scale))
     exported = jax.tree.map(np.asarray, sae.export_weights(weights))
     cfg = {**sae.export_config(), "d_in": D, "d_sae": WIDTH}
-    sae_io.save(str(tmp_path), sae_io.fold_input_scale(exported, scale), cfg)
-    loaded, loaded_params, _ = sae_io.load(str(tmp_path))
+    saelens.save(str(tmp_path), saelens.fold_input_scale(exported, scale), cfg)
+    loaded, loaded_params, _ = saelens.load(str(tmp_path))
     assert type(loaded) is type(from_export_config(cfg))
     latents = loaded.encode(loaded_params, jnp.asarray(raw))
     np.testing.assert_allclose(latents, trained_latents, rtol=1e-4, atol=1e-4)

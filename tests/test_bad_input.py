@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from jobs.cli import main
-from sae import manifest
+from sae.io import manifest
 
 from .conftest import SMALL
 

@@ -1,4 +1,4 @@
-"""sae.checkpoint on the GCS emulator: async Orbax saves through tensorstore, for real."""
+"""sae.train.checkpoint on the GCS emulator: async Orbax saves through tensorstore, for real."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sae import storage
-from sae.checkpoint import Checkpointer
+from sae.io import storage
+from sae.train.checkpoint import Checkpointer
 
 pytestmark = pytest.mark.gcs
 

@@ -5,7 +5,7 @@ Terraform: every file parses (python-hcl2) and `terraform fmt` leaves it alone; 
 reference resolves; the bucket, the service accounts (least privilege, compared role by role),
 the private TPU v5e VMs and the scheduled retraining (Cloud Scheduler -> manual Cloud Build
 trigger) have the intended settings; checkov passes, and every check it skips has a reason.
-The TPU startup script (jobs/templates/tpu_startup.sh.tftpl, which `gemma-sae submit` renders
+The TPU startup script (jobs/cloud/templates/tpu_startup.sh.tftpl, which `gemma-sae submit` renders
 too) and the retraining script (infra/templates/retrain.sh.tftpl) render the same way in
 Python and in Terraform, pass `bash -n` and shellcheck, and are run against stub docker,
 gcloud and metadata commands. cloudbuild.yaml lints and tests in the CPU image it builds
@@ -35,7 +35,8 @@ from typing import Any
 import pytest
 import yaml
 
-from jobs import cli, startup_script, submit
+from jobs import cli
+from jobs.cloud import startup_script, submit
 from sae.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -385,7 +386,7 @@ def test_tpu_vms_are_private_v5e_and_optional() -> None:
     (account,) = vm["service_account"]
     assert account["email"] == "${google_service_account.tpu_runtime.email}"
     assert vm["metadata"]["startup-script"] == "${each.value.startup_script}"
-    assert "/../jobs/templates/tpu_startup.sh.tftpl" in _locals()["tpu_vms"]
+    assert "/../jobs/cloud/templates/tpu_startup.sh.tftpl" in _locals()["tpu_vms"]
 
 
 def test_tpu_network_allows_no_ssh_from_the_internet() -> None:
@@ -438,8 +439,8 @@ def test_scheduler_runs_the_manual_retraining_trigger() -> None:
 
 def test_scheduled_retraining_runs_gemma_sae_retrain_on_its_base() -> None:
     """By default each worker runs `gemma-sae retrain workdir=BASE ...`: a new dated run under
-    BASE that becomes BASE/LATEST only on success (jobs/retrain.py; tests/test_retrain.py checks
-    that this command line parses). A preempted run ends the attempt (max_runs 1): retrain.sh
+    BASE that becomes BASE/LATEST only on success (jobs/cloud/retrain.py; tests/test_retrain.py
+    checks that this command line parses). A preempted run ends the attempt (max_runs 1): retrain.sh
     requests a new slice, where `gemma-sae retrain` resumes the run it started."""
     assert _variables()["retrain_stage"]["default"] == "retrain"
     startup = _locals()["retrain_startup_script"]
@@ -499,10 +500,10 @@ def test_checkov_passes_with_written_reasons_for_skips() -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# TPU VM startup script (jobs/templates, shared with gemma-sae submit) and the retraining
+# TPU VM startup script (jobs/cloud/templates, shared with gemma-sae submit) and the retraining
 # script (infra/templates)
 
-STARTUP_TEMPLATE = ROOT / "jobs" / "templates" / "tpu_startup.sh.tftpl"
+STARTUP_TEMPLATE = ROOT / "jobs" / "cloud" / "templates" / "tpu_startup.sh.tftpl"
 RETRAIN_TEMPLATE = INFRA / "templates" / "retrain.sh.tftpl"
 # As Terraform passes them: no shipped config, the status prefix from the instance metadata
 # (the retraining build sets it), restarts on exit 75.

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sae import dashboard, feature_report, feature_stats, logit_effects, plots
+from sae.analysis import dashboard, feature_report, feature_stats, logit_effects, plots
 
 from . import dashboard_data
 

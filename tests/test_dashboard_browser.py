@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from sae import dashboard
-from sae.dashboard import display_token
+from sae.analysis import dashboard
+from sae.analysis.dashboard import display_token
 
 from . import dashboard_data
 

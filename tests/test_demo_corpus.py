@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from sae import demo_corpus
-from sae.demo_corpus import generate_documents, number_to_words, write_demo_corpus
+from sae.demo import corpus as demo_corpus
+from sae.demo.corpus import generate_documents, number_to_words, write_demo_corpus
 
 # A phrase that only its genre's template writes.
 GENRE_MARKERS = {

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from jobs.cli import main
-from sae import activation_store, activations, lm, manifest, sharding, token_shards
+from sae import sharding
+from sae.data import activation_store, activations, token_shards
+from sae.io import manifest
+from sae.model import lm
 
 from .conftest import reuse_run
 

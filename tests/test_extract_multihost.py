@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from jobs.cli import main
-from sae import activation_store, activations, manifest, token_shards
+from sae.data import activation_store, activations, token_shards
+from sae.io import manifest
 
 from .conftest import _free_port, reuse_run
 
@@ -92,7 +93,8 @@ def test_lockstep_hosts_run_equal_forwards_and_keep_their_own_rows():
 def test_tap_returns_the_model_compute_dtype_and_consumers_cast_to_float32(tmp_path):
     import keras_hub
 
-    from sae import lm, sharding
+    from sae import sharding
+    from sae.model import lm
 
     tokens = np.random.default_rng(0).integers(3, 50, size=(16, 16)).astype(np.int32)
     tokens[::3, 0] = 2  # BOS

@@ -25,9 +25,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from jobs import import_sae
-from sae import manifest, sae_io, storage, token_norm
-from sae.arch import ARCHITECTURES
+from sae.arch import ARCHITECTURES, token_norm
 from sae.errors import InputError, SaeError
+from sae.io import manifest, saelens, storage
 
 D = 64  # the hidden size of the tiny model preset the local run trains (demo.hidden_dim)
 WIDTH = 256
@@ -88,7 +88,7 @@ class SaeLensReference:
         # load_state_dict(strict=True): exactly the module's parameters, with their shapes.
         assert sorted(raw) == sorted(SAELENS_PARAMETERS[architecture])
         d_in, d_sae = fields["d_in"], fields["d_sae"]
-        expected = sae_io.weight_shapes(d_in, d_sae, architecture)
+        expected = saelens.weight_shapes(d_in, d_sae, architecture)
         assert {k: v.shape for k, v in raw.items()} == expected
         weights = {key: value.astype(np.float64) for key, value in raw.items()}
         return cls(architecture, fields, cfg["metadata"], weights)
@@ -173,8 +173,8 @@ def _trained_weights(architecture: str, normalize_tokens: bool = False) -> tuple
     return sae, {**params, **buffers}
 
 
-def _provenance(layer: int = 1) -> sae_io.Provenance:
-    return sae_io.Provenance(
+def _provenance(layer: int = 1) -> saelens.Provenance:
+    return saelens.Provenance(
         layer=layer,
         model_preset="/presets/gemma2_2b_en",
         model_name="gemma-2-2b",
@@ -190,7 +190,7 @@ def _export(
     """What the train stage writes for one SAE (same calls as jobs.train._export)."""
     sae, weights = _trained_weights(architecture, normalize_tokens)
     exported = jax.tree.map(np.asarray, sae.export_weights(weights))
-    cfg = sae_io.build_config(
+    cfg = saelens.build_config(
         sae.export_config(),
         D,
         WIDTH,
@@ -200,7 +200,7 @@ def _export(
         input_scale_folded=SCALE,
     )
     directory = tmp_path / architecture
-    sae_io.save(str(directory), sae_io.fold_input_scale(exported, SCALE), cfg)
+    saelens.save(str(directory), saelens.fold_input_scale(exported, SCALE), cfg)
     return directory, sae, weights
 
 
@@ -234,7 +234,7 @@ def test_export_is_saelens_v6_and_encodes_like_training(architecture, tmp_path):
 
     x = _inputs()
     trained = np.asarray(sae.encode(weights, jnp.asarray(x * SCALE)))
-    loaded, params, _ = sae_io.load(str(directory))
+    loaded, params, _ = saelens.load(str(directory))
     ours = np.asarray(loaded.encode(params, jnp.asarray(x)))
     np.testing.assert_allclose(ours, trained, rtol=1e-4, atol=1e-4)
 
@@ -260,7 +260,7 @@ def test_token_standardised_export_reads_raw_activations_like_saelens_layer_norm
     standardized, mean, deviation = token_norm.standardize(jnp.asarray(x))
     trained = sae.encode(weights, standardized * SCALE)
     trained_reconstruction = sae.decode(weights, trained) / SCALE * deviation + mean
-    loaded, params, _ = sae_io.load(str(directory))
+    loaded, params, _ = saelens.load(str(directory))
     assert loaded.normalize_tokens
     ours, reconstruction = token_norm.encode_decode(loaded, params, jnp.asarray(x))
     np.testing.assert_allclose(ours, trained, rtol=1e-4, atol=1e-4)
@@ -284,7 +284,7 @@ def test_load_folds_saelens_options_our_encoder_lacks(tmp_path):
             "b_enc": rng.normal(size=WIDTH) * 0.3,
             "b_dec": rng.normal(size=D),
         }
-        cfg = sae_io.build_config(
+        cfg = saelens.build_config(
             {"architecture": architecture}, D, WIDTH, _provenance(), apply_b_dec_to_input=False
         )
         if architecture == "topk":
@@ -293,9 +293,9 @@ def test_load_folds_saelens_options_our_encoder_lacks(tmp_path):
             weights["threshold"] = rng.uniform(-0.5, 0.5, WIDTH)
         directory = tmp_path / architecture
         weights = {k: v.astype(np.float32) for k, v in weights.items()}
-        sae_io.save(str(directory), weights, cfg)
+        saelens.save(str(directory), weights, cfg)
         x = _inputs()
-        loaded, params, loaded_cfg = sae_io.load(str(directory))
+        loaded, params, loaded_cfg = saelens.load(str(directory))
         assert loaded_cfg["apply_b_dec_to_input"] is True
         ours = np.asarray(loaded.encode(params, jnp.asarray(x)))
         reference = SaeLensReference.load_from_disk(directory)
@@ -322,7 +322,7 @@ def test_train_stage_writes_saelens_configs(local_run):
         assert cfg["metadata"]["context_size"] > 0
         assert cfg["metadata"]["dataset_path"].endswith("*.jsonl")
         reference = SaeLensReference.load_from_disk(sae_dir / name)
-        loaded, params, _ = sae_io.load(str(sae_dir / name))
+        loaded, params, _ = saelens.load(str(sae_dir / name))
         _assert_same_latents(np.asarray(loaded.encode(params, jnp.asarray(x))), reference, x)
 
 
@@ -378,7 +378,7 @@ def test_gemma_scope_import_encodes_as_its_jumprelu(local_run, tmp_path):
 
     x = _inputs()
     expected = _gemma_scope_encode(params, x)
-    loaded, weights, loaded_cfg = sae_io.load(str(out / name))
+    loaded, weights, loaded_cfg = saelens.load(str(out / name))
     assert type(loaded) is ARCHITECTURES["jumprelu"]
     ours = np.asarray(loaded.encode(weights, jnp.asarray(x)))
     reference = SaeLensReference.load_from_disk(out / name)
@@ -396,7 +396,7 @@ def test_gemma_scope_import_encodes_as_its_jumprelu(local_run, tmp_path):
     # Published weights are kept bit for bit.
     stored = load_file(str(out / name / "sae_weights.safetensors"))
     assert all(np.array_equal(stored[k], params[k]) for k in params)
-    sae_io.check_model_dim(loaded_cfg, D, name, "the tiny model")
+    saelens.check_model_dim(loaded_cfg, D, name, "the tiny model")
 
 
 def test_gemma_scope_import_from_and_to_gcs(local_run, tmp_path, gcs_bucket_uri):
@@ -406,7 +406,7 @@ def test_gemma_scope_import_from_and_to_gcs(local_run, tmp_path, gcs_bucket_uri)
     storage.write_bytes(params_uri, buffer_path.read_bytes())
     out = storage.join(gcs_bucket_uri, "run", "sae")
     import_sae.main(_import_args(params_uri, local_run / "model", out) + ["--name", "gs-L1"])
-    loaded, weights, cfg = sae_io.load(storage.join(out, "gs-L1"))
+    loaded, weights, cfg = saelens.load(storage.join(out, "gs-L1"))
     assert cfg["imported_from"]["uri"] == params_uri
     x = _inputs()
     reference_params = _gemma_scope_params()
@@ -509,7 +509,7 @@ def test_imports_accumulate_for_one_model_only(local_run, tmp_path):
 
 def test_model_dim_check_is_one_line():
     with pytest.raises(InputError) as raised:
-        sae_io.check_model_dim({"d_in": 2304}, 64, "gemma-scope-L1-16k", "/presets/tiny")
+        saelens.check_model_dim({"d_in": 2304}, 64, "gemma-scope-L1-16k", "/presets/tiny")
     assert str(raised.value) == (
         "the SAE gemma-scope-L1-16k reads d_model=2304 but the model at /presets/tiny has "
         "hidden size 64"
@@ -581,7 +581,7 @@ def test_real_saelens_loads_our_exports(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     print(result.stdout, file=sys.stderr)
     for directory in directories:
-        loaded, params, _ = sae_io.load(str(directory))
+        loaded, params, _ = saelens.load(str(directory))
         ours = np.asarray(loaded.encode(params, jnp.asarray(x)))
         theirs = np.load(directory / "saelens-latents.npy")
         decided = SaeLensReference.load_from_disk(directory).decided(x)

@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from jobs.cli import main
-from sae import manifest, storage
+from sae.io import manifest, storage
 
 from .conftest import SMALL, SMALL_SAES, reuse_run
 

@@ -24,8 +24,8 @@ import pytest
 
 from sae import sharding
 from sae.arch import ARCHITECTURES
-from sae.optimizer import OptimizerSettings
-from sae.training import Member, Trainer
+from sae.train.optimizer import OptimizerSettings
+from sae.train.step import Member, Trainer
 
 pytestmark = pytest.mark.slow
 

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jobs import retrain, train
+from jobs import train
 from jobs.cli import main
-from jobs.common import PREEMPTED_EXIT_CODE, Preempted
-from sae import manifest, sae_io, sharding, storage
+from jobs.cloud import retrain
+from sae import sharding
 from sae.config import load
-from sae.demo_corpus import write_demo_corpus
-from sae.training import Trainer, to_host
+from sae.demo.corpus import write_demo_corpus
+from sae.errors import PREEMPTED_EXIT_CODE, Preempted
+from sae.io import manifest, saelens, storage
+from sae.train.step import Trainer, to_host
 
 from .conftest import SMALL, SMALL_SAES
 
@@ -146,8 +148,8 @@ def test_warm_start_begins_at_the_previous_final_weights(history):
     for name in SMALL_SAES:
         member, state = members[name], warm[name]
         weights = to_host(member.sae.export_weights({**state.params, **state.buffers}))
-        started = sae_io.fold_input_scale(weights, float(state.input_scale))
-        final = load_file(base / "runs" / run1 / "sae" / name / sae_io.WEIGHTS_NAME)
+        started = saelens.fold_input_scale(weights, float(state.input_scale))
+        final = load_file(base / "runs" / run1 / "sae" / name / saelens.WEIGHTS_NAME)
         assert set(started) == set(final)
         for key in final:
             np.testing.assert_allclose(started[key], final[key], rtol=1e-6, atol=1e-7)
@@ -315,8 +317,8 @@ def test_warm_start_from_gcs(history, gcs_bucket_uri):
     fresh = trainer.init_state(1, np.ones((256, 64), np.float32))
     started = train._warm_started(trainer, fresh, warm)
     for name in SMALL_SAES:
-        final = load_file(local_sae / name / sae_io.WEIGHTS_NAME)
-        folded = sae_io.fold_input_scale(
+        final = load_file(local_sae / name / saelens.WEIGHTS_NAME)
+        folded = saelens.fold_input_scale(
             to_host(started[name].params), float(started[name].input_scale)
         )
         np.testing.assert_allclose(folded["W_dec"], final["W_dec"], rtol=1e-6, atol=1e-7)

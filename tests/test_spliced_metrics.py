@@ -8,8 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae import activations, config, lm, manifest, sae_io, sharding, spliced, token_shards
+from sae import config, sharding
+from sae.data import activations, token_shards
 from sae.errors import ConfigError, InputError
+from sae.io import manifest, saelens
+from sae.model import lm, spliced
 
 from .conftest import SMALL_SAES
 
@@ -125,7 +128,7 @@ def test_chunked_logits_equal_one_chunk(backbone, tokens, batch, monkeypatch):
 
 
 def test_trained_saes_recover_most_of_the_loss_and_report_it(local_run, backbone, tokens):
-    models = [spliced.sae_model(*sae_io.load(str(local_run / "sae" / n))[:2]) for n in SMALL_SAES]
+    models = [spliced.sae_model(*saelens.load(str(local_run / "sae" / n))[:2]) for n in SMALL_SAES]
     loss = _loss(backbone, tokens, models)
     count = config.ReportConfig().spliced_sequences
     sequences = token_shards.iter_sequences(tokens["shards"]["eval"])

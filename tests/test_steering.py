@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from jobs.cli import main
-from sae import sae_io, steering
+from sae.analysis import steering
+from sae.io import saelens
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,7 @@ def run(local_run) -> dict:
         str(local_run / "report" / SAE_NAME / "steering" / "vectors.safetensors")
     )
     sae_dir = local_run / "sae" / SAE_NAME
-    sae, params, cfg = sae_io.load(str(sae_dir))
+    sae, params, cfg = saelens.load(str(sae_dir))
     return {
         "preset": str(local_run / "model"),
         "sae_dir": sae_dir,
@@ -40,7 +41,7 @@ def run(local_run) -> dict:
 
 @pytest.fixture(scope="module")
 def generator(run):
-    from sae.generation import SteeredGenerator
+    from sae.model.generation import SteeredGenerator
 
     return SteeredGenerator.from_preset(run["preset"])
 
@@ -126,7 +127,7 @@ def test_large_strength_changes_the_text_and_raises_the_feature(run, generator, 
 
 
 def test_a_sweep_compiles_the_generation_loop_once(run):
-    from sae.generation import SteeredGenerator
+    from sae.model.generation import SteeredGenerator
 
     generator = SteeredGenerator.from_preset(run["preset"])  # its own compilation cache
     vectors = run["vectors"]["vectors"]
@@ -188,7 +189,7 @@ def _narrow_sae(run, target: Path) -> Path:
     params = {k: np.asarray(v) for k, v in run["params"].items()}
     params["W_enc"], params["W_dec"] = params["W_enc"][:32], params["W_dec"][:, :32]
     params["b_dec"] = params["b_dec"][:32]
-    sae_io.save(str(target), params, {**run["cfg"], "d_in": 32})
+    saelens.save(str(target), params, {**run["cfg"], "d_in": 32})
     return target
 
 

@@ -1,4 +1,4 @@
-"""sae.storage on local paths and on a real GCS emulator process."""
+"""sae.io.storage on local paths and on a real GCS emulator process."""
 
 import json
 import os
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sae import storage
 from sae.errors import InputError, StorageError
+from sae.io import storage
 
 
 @pytest.fixture(params=["local", pytest.param("gcs", marks=pytest.mark.gcs)])
@@ -391,8 +391,8 @@ def test_orbax_checkpoint_roundtrip(root: str) -> None:
 _ORBAX_CHILD = """
 import sys
 import jax.numpy as jnp
-import orbax.checkpoint as ocp  # imported before sae.storage on purpose
-from sae import storage
+import orbax.checkpoint as ocp  # imported before sae.io.storage on purpose
+from sae.io import storage
 
 tree = {"w": jnp.arange(4.0)}
 with ocp.CheckpointManager(storage.orbax_path(sys.argv[1])) as mgr:

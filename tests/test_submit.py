@@ -29,10 +29,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from jobs import cli, startup_script, submit, tpu_queue
-from jobs.common import Preempted
-from sae import manifest, storage
-from sae.errors import ConfigError, InputError
+from jobs import cli
+from jobs.cloud import startup_script, submit, tpu_queue
+from sae.errors import ConfigError, InputError, Preempted
+from sae.io import manifest, storage
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT, ZONE, NAME = "my-project", "us-west4-a", "sae-test"

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sae.demo_corpus import generate_documents
-from sae.lm import tokenizer_proto
-from sae.tiny_model import (
+from sae.demo.corpus import generate_documents
+from sae.demo.tiny_model import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
@@ -27,6 +26,7 @@ from sae.tiny_model import (
     train_language_model,
     train_tokenizer,
 )
+from sae.io.presets import tokenizer_proto
 
 # Small enough to compile and train in seconds on 2 CPU cores, same Gemma 2 settings.
 SMALL = TinyModelSpec(

@@ -16,11 +16,12 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
-from sae import storage, token_shards, tokenize_beam
 from sae.config import DataflowConfig
-from sae.corpus import BadRecordError, find_corpus_files, read_records
+from sae.data import token_shards, tokenize_beam
+from sae.data.corpus import BadRecordError, find_corpus_files, read_records
+from sae.demo.tiny_model import train_tokenizer
 from sae.errors import InputError
-from sae.tiny_model import train_tokenizer
+from sae.io import storage
 
 TEXTS = [
     f"document {i} says the {c} cat sat on mat number {i % 7}."
@@ -221,7 +222,7 @@ def test_progress_counts_each_record_once(tmp_path, proto):
 
 
 def test_tokenizer_from_a_sentencepiece_file_or_preset(tmp_path, proto):
-    from sae.lm import chosen_tokenizer_proto
+    from sae.io.presets import chosen_tokenizer_proto
 
     model = tmp_path / "tok.model"
     model.write_bytes(proto)
@@ -239,7 +240,8 @@ def test_tokenizer_from_a_sentencepiece_file_or_preset(tmp_path, proto):
 
 def test_tokenize_stage_with_a_tokenizer_file_parquet_and_eos(tmp_path, proto):
     from jobs import tokenize
-    from sae import config, manifest
+    from sae import config
+    from sae.io import manifest
 
     model = tmp_path / "tok.model"
     model.write_bytes(proto)

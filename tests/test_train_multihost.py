@@ -19,8 +19,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from jobs.cli import main
-from sae import activation_store, activations, manifest
-from sae.training import agreed_stop
+from sae.data import activation_store, activations
+from sae.io import manifest
+from sae.train.step import agreed_stop
 
 from .conftest import SMALL_SAES, _free_port, reuse_run
 

@@ -11,8 +11,8 @@ import pytest
 
 from sae import sharding
 from sae.arch import ARCHITECTURES
-from sae.optimizer import OptimizerSettings, learning_rate_schedule
-from sae.training import Member, Trainer, remove_parallel_component
+from sae.train.optimizer import OptimizerSettings, learning_rate_schedule
+from sae.train.step import Member, Trainer, remove_parallel_component
 
 D, WIDTH = 16, 64
 
@@ -124,7 +124,7 @@ def test_learning_rate_schedule_warms_up_holds_and_decays():
 
 
 def test_resampling_points_dead_latents_at_badly_reconstructed_inputs():
-    from sae.resampling import resample_dead
+    from sae.train.resampling import resample_dead
 
     x = jnp.asarray(_data(64))
     sae = ARCHITECTURES["relu"](D, WIDTH)

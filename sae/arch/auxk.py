@@ -30,7 +30,7 @@ class KSparseDictionary(common.StandardDictionary):
     auxk_coefficient: float = 1 / 32
     decoder_bias_init: str = "mean"
     matmul_dtype: str = "float32"
-    # Standardise each token before encoding (sae.token_norm).
+    # Standardise each token before encoding (sae.arch.token_norm).
     normalize_tokens: bool = False
 
 

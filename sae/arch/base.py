@@ -31,7 +31,7 @@ class SparseAutoencoder(Protocol):
     d_sae: int
     # Decoder rows held at unit norm (gradient parallel to each row removed, then renormed).
     unit_norm_decoder: bool
-    # Inputs are standardised per token before encoding (sae.token_norm); encode and decode
+    # Inputs are standardised per token before encoding (sae.arch.token_norm); encode and decode
     # themselves work on the standardised inputs.
     normalize_tokens: bool
 

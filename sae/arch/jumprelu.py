@@ -73,7 +73,7 @@ class JumpReluSAE(common.StandardDictionary):
     init_threshold: float = 0.05
     decoder_bias_init: str = "mean"
     matmul_dtype: str = "float32"
-    # Standardise each token before encoding (sae.token_norm).
+    # Standardise each token before encoding (sae.arch.token_norm).
     normalize_tokens: bool = False
 
     architecture: ClassVar[str] = "jumprelu"

@@ -23,7 +23,7 @@ class ReluSAE(common.StandardDictionary):
     l1_coefficient: float = 5.0
     decoder_bias_init: str = "mean"
     matmul_dtype: str = "float32"
-    # Standardise each token before encoding (sae.token_norm).
+    # Standardise each token before encoding (sae.arch.token_norm).
     normalize_tokens: bool = False
 
     architecture: ClassVar[str] = "relu"

@@ -1,0 +1,87 @@
+"""What became of a job running on a TPU: the exit codes its workers leave in GCS (see
+jobs/cloud/startup_script.py) and the manifest its stage writes last."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from sae.config import PipelineConfig
+from sae.errors import PREEMPTED_EXIT_CODE
+from sae.io import manifest, storage
+
+_LOG_LINES = 12
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: Literal["succeeded", "failed", "preempted"]
+    message: str  # one line
+    details: str = ""  # e.g. the end of a failed worker's log
+
+
+def final_output(stage: str, config: PipelineConfig) -> tuple[str, str]:
+    """Where a stage command's last manifest is written, and the stage name it records."""
+    outputs = {
+        "demo": (config.preset_uri, "demo-model"),
+        "tokenize": (config.tokens_uri, "tokenize"),
+        "extract": (config.activations_uri, "extract"),
+        "train": (config.sae_uri, "train"),
+        "report": (config.report_uri, "report"),
+        "pipeline": (config.report_uri, "report"),
+    }
+    return outputs[stage]
+
+
+class JobWatch:
+    """Decides, from GCS alone, whether a submitted job has finished and how."""
+
+    def __init__(self, output_uri: str, stage: str) -> None:
+        self.output_uri = output_uri
+        self.stage = stage
+        # A manifest from an earlier run is not this job's outcome, unless the job says it
+        # found its stage up to date (worker 0 exits 0 without writing a new one).
+        self._before = manifest.read(output_uri)
+
+    def check(self, status_uri: str) -> Outcome | None:
+        """The outcome, or None while the job is still running."""
+        exits = worker_exits(status_uri)
+        for worker, code in sorted(exits.items()):
+            if code not in (0, PREEMPTED_EXIT_CODE):
+                log_uri = storage.join(status_uri, f"worker-{worker}.log")
+                return Outcome(
+                    "failed",
+                    f"worker {worker} exited with code {code} (its log: {log_uri})",
+                    _log_tail(log_uri),
+                )
+        stopped = [w for w, code in exits.items() if code == PREEMPTED_EXIT_CODE]
+        if stopped:
+            return Outcome("preempted", f"worker {min(stopped)} stopped on SIGTERM (exit 75)")
+        found = manifest.read(self.output_uri)
+        finished = found is not None and found.get("stage") == self.stage
+        if finished and (found != self._before or exits.get(0) == 0):
+            counts = ", ".join(f"{k}={v}" for k, v in sorted(found.get("counts", {}).items()))
+            where = manifest.manifest_uri(self.output_uri)
+            return Outcome("succeeded", f"{where}" + (f" ({counts})" if counts else ""))
+        if exits.get(0) == 0:
+            return Outcome(
+                "failed",
+                f"worker 0 exited with code 0 but no {self.stage} manifest is at "
+                f"{manifest.manifest_uri(self.output_uri)}",
+            )
+        return None
+
+
+def worker_exits(status_uri: str) -> dict[int, int]:
+    """Worker number -> exit code, for the workers whose job has ended."""
+    exits = {}
+    for uri in storage.glob(storage.join(status_uri, "worker-*.json")):
+        status = storage.read_json(uri)
+        exits[int(status["worker"])] = int(status["exit_code"])
+    return exits
+
+
+def _log_tail(log_uri: str) -> str:
+    if not storage.exists(log_uri):
+        return ""
+    return "\n".join(storage.read_text(log_uri).rstrip().splitlines()[-_LOG_LINES:])

@@ -1,0 +1,1 @@
+"""Analysis: held-out evaluation, per-feature statistics, dashboards, plots and steering vectors."""

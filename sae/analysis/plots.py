@@ -1,0 +1,96 @@
+"""PNG plots for reports: the feature density histogram and training curves of one SAE.
+
+Figures are built with matplotlib's object API on the Agg canvas (no pyplot, no display, no
+global state), and returned as PNG bytes for the storage layer to write anywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sae.io import storage
+
+# The training metrics plotted per SAE, with their axis labels and whether a log scale reads
+# better (loss and L0 fall over orders of magnitude early in training).
+TRAINING_CURVES = (
+    ("loss", "loss", True),
+    ("l0", "L0 (active latents per token)", True),
+    ("fve", "fraction of variance explained", False),
+    ("dead_fraction", "dead fraction", False),
+)
+
+
+def _png(figure: Figure) -> bytes:
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def density_histogram(fire_counts: np.ndarray, tokens: int, title: str) -> bytes:
+    """Histogram of log10 feature density over the live latents; dead ones (density 0, no
+    logarithm) are counted in the title instead."""
+    fire_counts = np.asarray(fire_counts)
+    live = fire_counts[fire_counts > 0]
+    dead = int(len(fire_counts) - len(live))
+    figure = Figure(figsize=(7, 4))
+    axes = figure.add_subplot()
+    if len(live):
+        log_density = np.log10(live / tokens)
+        low = math.floor(min(log_density.min(), math.log10(1 / tokens)))
+        axes.hist(log_density, bins=np.linspace(low, 0, 8 * -low + 1), color="#4c72b0")
+    axes.axvline(math.log10(0.1), color="#c44e52", linestyle="--", label="dense (10%)")
+    axes.set_xlabel("log10 feature density (fraction of held-out tokens active)")
+    axes.set_ylabel("latents")
+    axes.legend(loc="upper left")
+    axes.set_title(
+        f"{title}\n{len(live)} live latents; {dead} dead (never active on {tokens} tokens)",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    return _png(figure)
+
+
+def read_training_log(uri: str) -> list[dict[str, float]]:
+    """The train stage's metrics.jsonl records, one per logged step (the last record wins when
+    a resumed run logged a step twice); empty when there is no log."""
+    if not storage.exists(uri):
+        return []
+    by_step: dict[int, dict[str, float]] = {}
+    for line in storage.read_text(uri).splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[int(record["step"])] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def training_curves(records: list[dict[str, float]], name: str) -> bytes | None:
+    """Loss, L0, FVE and dead fraction against step for the SAE `name` (metrics logged as
+    `<name>/<metric>`); None when the log has none of them."""
+    figure = Figure(figsize=(10, 6.5))
+    plotted = 0
+    for i, (metric, label, log_scale) in enumerate(TRAINING_CURVES):
+        points = [(r["step"], r[f"{name}/{metric}"]) for r in records if f"{name}/{metric}" in r]
+        axes = figure.add_subplot(2, 2, i + 1)
+        axes.set_xlabel("step")
+        axes.set_title(label, fontsize=10)
+        if not points:
+            axes.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axes.transAxes)
+            continue
+        steps, values = zip(*points, strict=True)
+        axes.plot(steps, values, color="#4c72b0")
+        if log_scale and min(values) > 0:
+            axes.set_yscale("log")
+        axes.grid(alpha=0.3)
+        plotted += 1
+    if not plotted:
+        return None
+    figure.suptitle(f"Training: {name}", fontsize=11)
+    figure.tight_layout()
+    return _png(figure)

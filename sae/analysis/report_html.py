@@ -1,0 +1,37 @@
+"""The run's overview page (report/index.html): one row per SAE, linking to its dashboard
+(sae.analysis.dashboard renders the per-SAE pages). Readable straight from disk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sae.analysis.dashboard import STYLE, escape
+
+
+def render_overview(title: str, rows: list[dict[str, Any]]) -> str:
+    """One row per SAE of the run with its headline held-out metrics and a link to its page."""
+    columns = ["name", "architecture", "layer", "d_sae", "l0", "fraction_variance_explained"]
+    columns += ["ce_loss_recovered", "delta_lm_loss", "kl_div_with_sae"]
+    columns += ["dead_fraction", "dense_latents"]
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+
+    def cell(row: dict[str, Any], column: str) -> str:
+        value = row.get(column)
+        if value is None:  # not measured (e.g. spliced metrics switched off)
+            return "-"
+        if column == "name":
+            return f'<a href="{escape(value)}/index.html">{escape(value)}</a>'
+        return escape(f"{value:.4g}" if isinstance(value, float) else value)
+
+    body = "".join(
+        "<tr>" + "".join(f"<td>{cell(r, c)}</td>" for c in columns) + "</tr>" for r in rows
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
+<style>{STYLE}</style></head>
+<body><h1>{escape(title)}</h1>
+<p>Held-out evaluation of every SAE trained in this run; click a name for its feature
+dashboard.</p>
+<table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+</body></html>
+"""

@@ -1,0 +1,293 @@
+"""The activation store: extracted residual-stream rows cached on disk or GCS for many runs.
+
+Layout under the store's URI: one part per writing host, one zarr v3 array per tapped layer
+(written through tensorstore, bf16 by default, chunked by rows), and the extract stage's
+manifest last:
+
+    part-00000/layer_12/zarr.json, c/...      [rows, d_model]
+    part-00000/rows.json                      rows and norm sums of this part (written last)
+    manifest.json
+
+Reading visits the chunks of all parts in a seeded random order, a window of chunks at a
+time, and shuffles the rows within each window; so batches mix tokens from distant documents
+while memory holds one window (plus the next, being fetched). The order is a pure function of
+(seed, step): a resumed run computes where step N starts and reads from there, exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+
+from sae.errors import InputError
+from sae.io import manifest, storage
+
+PART_ROWS_NAME = "rows.json"
+DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+
+
+def part_uri(store_uri: str, part: int) -> str:
+    return storage.join(store_uri, f"part-{part:05d}")
+
+
+def layer_uri(part: str, layer: int) -> str:
+    return storage.join(part, f"layer_{layer:02d}")
+
+
+def _spec(uri: str) -> dict[str, object]:
+    return {"driver": "zarr3", "kvstore": storage.tensorstore_kvstore(uri)}
+
+
+def _create(uri: str, rows: int, dim: int, chunk_rows: int, dtype: str) -> ts.TensorStore:
+    spec = _spec(uri)
+    spec["metadata"] = {
+        "shape": [rows, dim],
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, dim]}},
+        "data_type": dtype,
+    }
+    # Fails on an existing array: the extract stage clears the whole store first.
+    return ts.open(spec, create=True).result()
+
+
+def _open(uri: str) -> ts.TensorStore:
+    try:
+        return ts.open(_spec(uri), open=True).result()
+    except ValueError as error:
+        raise InputError(f"no readable activation array at {uri}: {error}") from None
+
+
+class _RowQueue:
+    """Row blocks of any length in, blocks of a chosen length out."""
+
+    def __init__(self) -> None:
+        self.blocks: list[np.ndarray] = []
+        self.size = 0
+
+    def push(self, rows: np.ndarray) -> None:
+        if len(rows):
+            self.blocks.append(rows)
+            self.size += len(rows)
+
+    def pop(self, count: int) -> np.ndarray:
+        block = np.concatenate(self.blocks) if len(self.blocks) > 1 else self.blocks[0]
+        rest = block[count:]
+        self.blocks, self.size = ([rest] if len(rest) else []), len(rest)
+        return block[:count]
+
+
+class PartWriter:
+    """Appends rows [n, layers * d_model] (the layers side by side) to one part of a store.
+
+    Rows are buffered to whole chunks and each chunk is written asynchronously, so the model
+    keeps running while tensorstore uploads. `capacity` is an upper bound on the rows (the
+    arrays are cut to the real count at `close`)."""
+
+    def __init__(
+        self,
+        part: str,
+        layers: Sequence[int],
+        d_model: int,
+        capacity: int,
+        chunk_rows: int,
+        dtype: str = "bfloat16",
+        max_pending: int = 8,
+    ) -> None:
+        self.part, self.layers, self.d_model = part, list(layers), d_model
+        self.chunk_rows, self.dtype, self.max_pending = chunk_rows, DTYPES[dtype], max_pending
+        rows = max(capacity, 1)
+        self.arrays = [
+            _create(layer_uri(part, layer), rows, d_model, chunk_rows, dtype)
+            for layer in self.layers
+        ]
+        self.pending: list[ts.Future] = []
+        self.queue = _RowQueue()
+        self.rows = 0  # written (or being written) to the arrays
+        self.norm_sums = np.zeros(len(self.layers), np.float64)
+
+    @property
+    def appended(self) -> int:
+        """Rows taken so far: written, and waiting for a whole chunk."""
+        return self.rows + self.queue.size
+
+    def append(self, rows: np.ndarray) -> None:
+        if rows.shape[1] != self.d_model * len(self.layers):
+            raise ValueError(f"rows of width {rows.shape[1]}; expected layers * d_model")
+        self.queue.push(rows)
+        while self.queue.size >= self.chunk_rows:
+            self._write(self.queue.pop(self.chunk_rows))
+
+    def _write(self, chunk: np.ndarray) -> None:
+        start, count = self.rows, len(chunk)
+        if start + count > self.arrays[0].shape[0]:
+            raise ValueError(f"more rows than the capacity {self.arrays[0].shape[0]}")
+        for index, array in enumerate(self.arrays):
+            columns = chunk[:, index * self.d_model : (index + 1) * self.d_model]
+            # Rows may come as bfloat16 (a bfloat16 model's tap): the norms are taken in fp32.
+            norms = np.linalg.norm(columns.astype(np.float32), axis=1)
+            self.norm_sums[index] += float(norms.astype(np.float64).sum())
+            self.pending.append(array[start : start + count].write(columns.astype(self.dtype)))
+        self.rows += count
+        # Bound what is in flight: host memory stays flat however long the run.
+        while len(self.pending) > self.max_pending * len(self.arrays):
+            self.pending.pop(0).result()
+
+    def close(self) -> dict[str, object]:
+        """Write the tail, wait for every write, cut the arrays to the rows written, and write
+        the part's record (last, so a part without one is unfinished)."""
+        if self.queue.size:
+            self._write(self.queue.pop(self.queue.size))
+        for future in self.pending:
+            future.result()
+        self.pending = []
+        for array in self.arrays:
+            array.resize(exclusive_max=[max(self.rows, 1), self.d_model], shrink_only=True).result()
+        record = {
+            "rows": self.rows,
+            "layers": self.layers,
+            "norm_sums": [float(v) for v in self.norm_sums],
+        }
+        storage.write_json(storage.join(self.part, PART_ROWS_NAME), record)
+        return record
+
+
+@dataclass(frozen=True)
+class Chunk:
+    part: int
+    start: int
+    rows: int
+
+
+class StoreRows:
+    """A finished store seen as one table of rows over the chosen layers (side by side)."""
+
+    def __init__(self, store_uri: str, layers: Sequence[int], parts: Sequence[dict]) -> None:
+        self.uri, self.layers = store_uri, list(layers)
+        self.part_rows = [int(p["rows"]) for p in parts]
+        self.arrays = []
+        for index, record in enumerate(parts):
+            missing = [layer for layer in self.layers if layer not in record["layers"]]
+            if missing:
+                raise InputError(
+                    f"the activation store at {store_uri} has layers {record['layers']}, "
+                    f"not {missing}: extract them first"
+                )
+            part = part_uri(store_uri, index)
+            self.arrays.append([_open(layer_uri(part, layer)) for layer in self.layers])
+        first = self.arrays[0][0]
+        self.d_model = int(first.shape[1])
+        self.chunk_rows = int(first.chunk_layout.read_chunk.shape[0])
+        self.dim = self.d_model * len(self.layers)
+        self.num_rows = sum(self.part_rows)
+        self.chunks = [
+            Chunk(part, start, min(self.chunk_rows, rows - start))
+            for part, rows in enumerate(self.part_rows)
+            for start in range(0, rows, self.chunk_rows)
+        ]
+
+    def read_chunks(self, chunks: Sequence[Chunk]) -> list[ts.Future]:
+        """Start reading chunks (every layer); the futures resolve to bf16/fp32 arrays."""
+        return [
+            array[c.start : c.start + c.rows].read()
+            for c in chunks
+            for array in self.arrays[c.part]
+        ]
+
+    def assemble(self, chunks: Sequence[Chunk], futures: list[ts.Future]) -> np.ndarray:
+        out = np.empty((sum(c.rows for c in chunks), self.dim), np.float32)
+        row, layers = 0, len(self.layers)
+        for index, chunk in enumerate(chunks):
+            for layer in range(layers):
+                data = futures[index * layers + layer].result()
+                out[row : row + chunk.rows, layer * self.d_model : (layer + 1) * self.d_model] = (
+                    data
+                )
+            row += chunk.rows
+        return out
+
+
+class ShuffledReader:
+    """Endless seeded batches from a store: per epoch a permutation of the chunks, cut into
+    windows of `window_chunks`; rows shuffled within a window; windows and epochs follow each
+    other in one stream, so batch N is rows [N * batch, (N + 1) * batch) of that stream."""
+
+    def __init__(self, rows: StoreRows, batch_size: int, window_rows: int, seed: int) -> None:
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.window_chunks = max(1, math.ceil(window_rows / rows.chunk_rows))
+
+    def _windows(self, epoch: int) -> list[list[Chunk]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows.chunks))
+        chunks = [self.rows.chunks[i] for i in order]
+        return [
+            chunks[i : i + self.window_chunks] for i in range(0, len(chunks), self.window_chunks)
+        ]
+
+    def _schedule(self, position: int) -> Iterator[tuple[int, int, list[Chunk], int]]:
+        """(epoch, window index, chunks, rows to skip) from stream position `position` on."""
+        epoch, skip = divmod(position, self.rows.num_rows)
+        while True:
+            start = 0
+            for index, window in enumerate(self._windows(epoch)):
+                size = sum(c.rows for c in window)
+                if start + size > skip:
+                    yield epoch, index, window, max(skip - start, 0)
+                start += size
+            epoch, skip = epoch + 1, 0
+
+    def _stream(self, position: int) -> Iterator[np.ndarray]:
+        """Rows of the stream from `position` on, a window at a time; the next window is
+        fetched while the current one is consumed."""
+        windows = self._schedule(position)
+        current = next(windows)
+        reads = self.rows.read_chunks(current[2])
+        while True:
+            upcoming = next(windows)
+            upcoming_reads = self.rows.read_chunks(upcoming[2])
+            epoch, index, chunks, skip = current
+            rows = self.rows.assemble(chunks, reads)
+            order = np.random.default_rng([self.seed, epoch, index, 1]).permutation(len(rows))
+            yield rows[order[skip:]]
+            current, reads = upcoming, upcoming_reads
+
+    def batches(
+        self, start_step: int = 0, rows: Sequence[slice] | None = None
+    ) -> Iterator[np.ndarray]:
+        """Batches from step `start_step` on. With several hosts, every host reads the same
+        stream and keeps `rows` of each batch (its devices' share, see Trainer.host_rows), so
+        the hosts' shares make up exactly the batch one host alone would train on."""
+        queue = _RowQueue()
+        for block in self._stream(start_step * self.batch_size):
+            queue.push(block)
+            while queue.size >= self.batch_size:
+                batch = queue.pop(self.batch_size)
+                yield batch if rows is None else np.concatenate([batch[r] for r in rows])
+
+
+def open_store(store_uri: str, layers: Sequence[int]) -> tuple[StoreRows, dict]:
+    """The rows of a finished store (its extract manifest must exist) for `layers`."""
+    found = manifest.require(store_uri, "extract", "activation store")
+    return StoreRows(store_uri, layers, found["parts"]), found
+
+
+def describe_parts(records: Sequence[dict]) -> dict[str, object]:
+    """Token count and mean row norm per layer over all parts (for the manifest)."""
+    rows = sum(int(r["rows"]) for r in records)
+    layers = records[0]["layers"]
+    norm_sums = np.sum([r["norm_sums"] for r in records], axis=0)
+    return {
+        "rows": rows,
+        "mean_norm": {
+            str(layer): float(norm_sums[i] / max(rows, 1)) for i, layer in enumerate(layers)
+        },
+    }
+
+
+def read_part_record(store_uri: str, part: int) -> dict:
+    uri = storage.join(part_uri(store_uri, part), PART_ROWS_NAME)
+    if not storage.exists(uri):
+        raise InputError(f"activation store part {uri} is unfinished")
+    return storage.read_json(uri)

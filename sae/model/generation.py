@@ -1,0 +1,213 @@
+"""Text generation from a keras-hub Gemma with a steering vector added to one block's output.
+
+The loop is keras-hub's `GemmaCausalLM.generate_step` written out over the backbone's own
+layers (token embedding, decoder blocks with their KV caches, final norm, tied logits with
+Gemma 2's soft-cap): one forward over the padded prompt seeds the caches, then one token per
+step. The only change is `x += strength * direction` after `decoder_block_<layer>`, at every
+position (prompt and generated), which is how SAE features are steered.
+
+Everything that varies between calls of a sweep (the direction, one strength per batch row,
+the sampling key) is a traced argument of a single `jax.jit` function, and the weights are
+arguments too (bound through a `keras.StatelessScope`, as keras-hub does): so a sweep over
+strengths or features compiles once per (layer, batch, length), and the weights are never
+baked into the compiled program as constants.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sae.errors import InputError  # noqa: E402
+from sae.io import presets  # noqa: E402
+from sae.model import lm  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated row: the prompt's ids, the new ids (up to and without EOS), the text."""
+
+    strength: float
+    prompt_ids: list[int]
+    new_ids: list[int]
+    text: str
+
+
+class SteeredGenerator:
+    """A Gemma preset ready to generate with a steering vector at one block's output."""
+
+    def __init__(self, backbone, tokenizer_proto: bytes) -> None:
+        import keras_hub
+        import sentencepiece as spm
+
+        if not isinstance(backbone, keras_hub.models.GemmaBackbone):
+            raise InputError(
+                f"steering needs a Gemma (1 or 2) backbone, got {type(backbone).__name__}"
+            )
+        self.backbone = backbone
+        self.hidden_dim = int(backbone.hidden_dim)
+        self.num_layers = int(backbone.num_layers)
+        self.processor = spm.SentencePieceProcessor(model_proto=tokenizer_proto)
+        self.bos_id, self.eos_id = self.processor.bos_id(), self.processor.eos_id()
+        self._variables = (backbone.trainable_variables, backbone.non_trainable_variables)
+        self._weights = tuple([v.value for v in group] for group in self._variables)
+        self.traces = 0  # how many times the generation loop was traced (compiled)
+        self._generate = jax.jit(self._generate_ids, static_argnames=("layer", "top_k"))
+
+    @classmethod
+    def from_preset(cls, preset_uri: str, dtype: str = "float32") -> SteeredGenerator:
+        return cls(lm.load_backbone(preset_uri, dtype), presets.tokenizer_proto(preset_uri))
+
+    def compilations(self) -> int:
+        """Programs compiled so far by the jitted generation loop."""
+        return self._generate._cache_size()
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """As GemmaCausalLMPreprocessor.generate_preprocess: BOS, the text, no EOS."""
+        return [self.bos_id, *self.processor.encode(prompt)]
+
+    def generate(
+        self,
+        prompt: str,
+        direction: np.ndarray,
+        strengths: Sequence[float],
+        layer: int,
+        max_new_tokens: int = 32,
+        top_k: int = 0,
+        seed: int = 0,
+    ) -> list[Generation]:
+        """One continuation of `prompt` per strength (one batch row each), greedy when
+        `top_k` is 0, else sampled from the `top_k` most likely tokens."""
+        ids = self.prompt_ids(prompt)
+        token_ids, padding_mask = self.padded(ids, len(strengths), max_new_tokens)
+        out = self.generate_ids(
+            token_ids, padding_mask, direction, strengths, layer, top_k=top_k, seed=seed
+        )
+        return [
+            self._decoded(float(strength), ids, row)
+            for strength, row in zip(strengths, out, strict=True)
+        ]
+
+    def padded(
+        self, ids: list[int], batch: int, max_new_tokens: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The prompt repeated on `batch` rows, padded with room for `max_new_tokens`."""
+        length = len(ids) + max_new_tokens
+        token_ids = np.zeros((batch, length), np.int32)
+        token_ids[:, : len(ids)] = ids
+        padding_mask = np.zeros((batch, length), bool)
+        padding_mask[:, : len(ids)] = True
+        return token_ids, padding_mask
+
+    def generate_ids(
+        self,
+        token_ids: np.ndarray,
+        padding_mask: np.ndarray,
+        direction: np.ndarray,
+        strengths: Sequence[float],
+        layer: int,
+        top_k: int = 0,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """[batch, length] ids: each row's prompt (where `padding_mask`) then its generation,
+        steered by `strengths[row] * direction` after block `layer`."""
+        if not 0 <= layer < self.num_layers:
+            raise InputError(f"layer {layer} is out of range (the model has {self.num_layers})")
+        direction = np.asarray(direction, np.float32).reshape(self.hidden_dim)
+        out = self._generate(
+            self._weights,
+            jnp.asarray(token_ids, jnp.int32),
+            jnp.asarray(padding_mask, bool),
+            jnp.asarray(direction),
+            jnp.asarray(strengths, jnp.float32),
+            jax.random.key(seed),
+            layer=layer,
+            top_k=top_k,
+        )
+        return np.asarray(out)
+
+    def _decoded(self, strength: float, prompt_ids: list[int], row: np.ndarray) -> Generation:
+        new = [int(i) for i in row[len(prompt_ids) :]]
+        if self.eos_id in new:
+            new = new[: new.index(self.eos_id)]
+        return Generation(strength, prompt_ids, new, self.processor.decode(new))
+
+    # --- traced -----------------------------------------------------------------------------
+
+    def _forward(self, token_ids, cache, index, steer, layer: int):
+        """GemmaCausalLM.call_with_cache, with `steer` ([batch, 1, hidden]) added to the
+        output of block `layer`."""
+        import keras
+
+        backbone = self.backbone
+        x = backbone.token_embedding(token_ids)
+        x = x * keras.ops.cast(keras.ops.sqrt(self.hidden_dim), x.dtype)
+        caches = []
+        for i, block in enumerate(backbone.transformer_layers):
+            x, block_cache = block(x, cache=cache[:, i], cache_update_index=index)
+            if i == layer:
+                x = x + steer.astype(x.dtype)
+            caches.append(block_cache)
+        logits = backbone.token_embedding(backbone.layer_norm(x), reverse=True)
+        return logits, jnp.stack(caches, axis=1)
+
+    def _empty_cache(self, batch: int, length: int) -> jax.Array:
+        b = self.backbone
+        shape = (batch, b.num_layers, 2, length, b.num_key_value_heads, b.head_dim)
+        return jnp.zeros(shape, b.compute_dtype)
+
+    def _next_token(self, logits: jax.Array, key: jax.Array, top_k: int) -> jax.Array:
+        logits = logits.astype(jnp.float32)
+        if top_k == 0:
+            return jnp.argmax(logits, axis=-1)
+        top_logits, top_ids = jax.lax.top_k(logits, top_k)
+        choice = jax.random.categorical(key, top_logits, axis=-1)
+        return jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0]
+
+    def _generate_ids(
+        self, weights, token_ids, padding_mask, direction, strengths, key, layer: int, top_k: int
+    ):
+        import keras
+
+        self.traces += 1
+        steer = strengths[:, None, None] * direction[None, None, :]
+        pairs = zip(self._variables, weights, strict=True)
+        mapping = itertools.chain(*(zip(v, w, strict=True) for v, w in pairs))
+        with keras.StatelessScope(state_mapping=mapping):
+            return self._loop(token_ids, padding_mask, steer, key, layer, top_k)
+
+    def _loop(self, token_ids, padding_mask, steer, key, layer: int, top_k: int):
+        batch, length = token_ids.shape
+        # Seed the caches with one pass over the whole padded prompt, as keras-hub does.
+        _, cache = self._forward(token_ids, self._empty_cache(batch, length), 0, steer, layer)
+        start = jnp.min(jnp.sum(padding_mask.astype(jnp.int32), axis=-1))
+
+        def unfinished(state):
+            ids, _, index, _ = state
+            # Stop once every row has generated an EOS (one in the prompt does not count).
+            done = jnp.any((ids == self.eos_id) & ~padding_mask, axis=-1)
+            return (index < length) & ~jnp.all(done)
+
+        def step(state):
+            ids, cache, index, key = state
+            key, sample_key = jax.random.split(key)
+            previous = jax.lax.dynamic_slice_in_dim(ids, index - 1, 1, axis=1)
+            logits, cache = self._forward(previous, cache, index - 1, steer, layer)
+            token = self._next_token(logits[:, 0], sample_key, top_k).astype(ids.dtype)
+            # Rows whose prompt is longer keep their own token at this position.
+            kept = jax.lax.dynamic_index_in_dim(ids, index, axis=1, keepdims=False)
+            mask = jax.lax.dynamic_index_in_dim(padding_mask, index, axis=1, keepdims=False)
+            token = jnp.where(mask, kept, token)
+            ids = jax.lax.dynamic_update_slice_in_dim(ids, token[:, None], index, axis=1)
+            return ids, cache, index + 1, key
+
+        ids, *_ = jax.lax.while_loop(unfinished, step, (token_ids, cache, start, key))
+        return ids

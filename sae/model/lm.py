@@ -1,0 +1,156 @@
+"""Language-model access: a keras-hub backbone under JAX, tapped at chosen residual-stream layers.
+
+The tap is a functional sub-model ending at `decoder_block_<i>`, so blocks after the deepest
+tapped layer are never computed; it runs as one jitted pure function (`stateless_call`) with
+weights replicated and the batch split over the mesh's data axis. For running the model in
+pieces (an SAE spliced in at one layer), `bound_weights` and the block functions call the
+backbone's own layers one by one as a pure function of its weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from sae import sharding
+from sae.errors import InputError  # noqa: E402
+from sae.io import presets  # noqa: E402
+from sae.sharding import DATA  # noqa: E402
+
+
+def load_backbone(preset_uri: str, dtype: str = "float32"):
+    import keras_hub
+
+    return keras_hub.models.Backbone.from_preset(str(presets.local_copy(preset_uri)), dtype=dtype)
+
+
+def check_gemma(backbone: Any, hint: str = "") -> None:
+    """The piecewise forward below rebuilds GemmaBackbone's graph (Gemma 1 and 2)."""
+    import keras_hub
+
+    if not isinstance(backbone, keras_hub.models.GemmaBackbone):
+        raise InputError(
+            f"the model is a {type(backbone).__name__}; running it block by block supports "
+            f"keras-hub's GemmaBackbone (Gemma 1 and 2) only{hint}"
+        )
+
+
+def backbone_weights(backbone: Any) -> list[jax.Array]:
+    """Every variable's value in `backbone.variables` order: the weights that `bound_weights`
+    takes, passed to jitted functions as arguments so they are not baked in as constants."""
+    return [v.value for v in backbone.variables]
+
+
+@contextlib.contextmanager
+def bound_weights(backbone: Any, weights: list[jax.Array]) -> Iterator[None]:
+    """Inside, the backbone's layers compute with `weights` (traced values) instead of their
+    variables, so calling them one by one is a pure function of the weights."""
+    import keras
+
+    mapping = list(zip(backbone.variables, weights, strict=True))
+    with keras.StatelessScope(state_mapping=mapping):
+        yield
+
+
+def run_to_layer(
+    backbone: Any, token_ids: jax.Array, padding_mask: jax.Array, layer: int
+) -> jax.Array:
+    """The residual stream after `decoder_block_<layer>` (what ActivationTap reads), computed
+    as GemmaBackbone does: scaled token embedding, then blocks 0..layer."""
+    from keras import ops
+
+    x = backbone.token_embedding(token_ids)
+    x = x * ops.cast(ops.sqrt(backbone.hidden_dim), x.dtype)
+    return run_blocks(backbone, x, padding_mask, 0, layer + 1)
+
+
+def run_blocks(
+    backbone: Any, x: jax.Array, padding_mask: jax.Array, start: int, stop: int
+) -> jax.Array:
+    """Decoder blocks start..stop-1 on the residual stream x [batch, seq, hidden]."""
+    for block in backbone.transformer_layers[start:stop]:
+        x = block(x, padding_mask=padding_mask)
+    return x
+
+
+def final_logits(backbone: Any, x: jax.Array) -> jax.Array:
+    """Next-token logits from the last block's output: final RMS norm, then the tied embedding
+    in reverse (which applies Gemma 2's final logit soft-cap when the config sets one)."""
+    return backbone.token_embedding(backbone.layer_norm(x), reverse=True)
+
+
+class ActivationTap:
+    """Residual-stream activations after `decoder_block_<layer>` for each requested layer, in
+    the backbone's compute dtype (`dtype`: bfloat16 for a bfloat16 model), so the device-to-host
+    copy is no wider than what the model computed; consumers cast to float32 where they do
+    arithmetic."""
+
+    def __init__(self, backbone: Any, layers: list[int], mesh: Mesh) -> None:
+        import keras
+
+        self.layers = list(layers)
+        self.mesh = mesh
+        self.hidden_dim = int(backbone.hidden_dim)
+        self.dtype = np.dtype(backbone.dtype_policy.compute_dtype)
+        outputs = [backbone.get_layer(f"decoder_block_{layer}").output for layer in self.layers]
+        self.model = keras.Model(backbone.input, outputs)
+        replicated = sharding.replicated(mesh)
+        self._weights = jax.device_put(
+            (
+                [v.value for v in self.model.trainable_variables],
+                [v.value for v in self.model.non_trainable_variables],
+            ),
+            replicated,
+        )
+        batch = sharding.batch_sharding(mesh)
+        self._forward = jax.jit(
+            self._call, in_shardings=(replicated, batch, batch), out_shardings=batch
+        )
+        self._host_max = sharding.HostMax(mesh)
+
+    def _call(self, weights, token_ids: jax.Array, padding_mask: jax.Array) -> list[jax.Array]:
+        trainable, non_trainable = weights
+        outputs, _ = self.model.stateless_call(
+            trainable, non_trainable, {"token_ids": token_ids, "padding_mask": padding_mask}
+        )
+        outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+        return [out.astype(self.dtype) for out in outputs]
+
+    def device_forward(self, token_ids: jax.Array, padding_mask: jax.Array) -> list[jax.Array]:
+        """The jitted forward alone, on (sharded) device arrays: what benchmarks compare with."""
+        return self._forward(self._weights, token_ids, padding_mask)
+
+    def __call__(self, token_ids: np.ndarray, lengths: np.ndarray) -> list[jax.Array]:
+        """[batch, seq, hidden] activations (`self.dtype`) per tapped layer (this host's
+        sequences).
+
+        Returned as soon as the forward is dispatched: reading them (np.asarray) waits for it,
+        so a caller can dispatch the next batch first and keep the device busy. With several
+        hosts every host must call this the same number of times (see `any_host`)."""
+        positions = np.arange(token_ids.shape[1])[None, :]
+        padding_mask = positions < lengths[:, None]
+        inputs = (token_ids.astype(np.int32), padding_mask)
+        if jax.process_count() > 1:
+            # Multi-host: each host passes its own sequences and gets their activations back.
+            inputs = multihost_utils.host_local_array_to_global_array(inputs, self.mesh, P(DATA))
+            outputs = self.device_forward(*inputs)
+            outputs = multihost_utils.global_array_to_host_local_array(outputs, self.mesh, P(DATA))
+        else:
+            outputs = self.device_forward(*inputs)
+        return list(outputs)
+
+    def any_host(self, flag: bool) -> jax.Array:
+        """Whether `flag` is true on any host (a replicated device 0/1). Dispatched like a
+        forward (reading it waits only for the work queued before it), so hosts can agree when
+        to stop calling the tap without a blocking barrier per batch."""
+        return self._host_max(int(flag))

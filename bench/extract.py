@@ -29,12 +29,15 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sae import sharding  # noqa: E402
-from sae.arch import ARCHITECTURES  # noqa: E402
+from sae import (
+    arch,
+    sharding,  # noqa: E402
+)
+from sae.arch import SaeSpec
+from sae.config import TrainConfig  # noqa: E402
 from sae.data import activation_store, activations
 from sae.model import lm
-from sae.train.optimizer import OptimizerSettings  # noqa: E402
-from sae.train.step import Member, Trainer  # noqa: E402
+from sae.training.step import Member, StepTrainer  # noqa: E402
 
 GEMMA2_2B = {
     "vocabulary_size": 256000,
@@ -156,9 +159,11 @@ def main() -> None:
             writer.close()
         return args.batches * tokens_per_batch
 
-    sae = ARCHITECTURES["topk"](d_model, shape["d_sae"], k=shape["k"], matmul_dtype=args.dtype)
-    members = {"topk": Member(sae, OptimizerSettings(1e-4, 10**6), (0, d_model))}
-    trainer = Trainer(members, mesh, dead_window_tokens=10**12)
+    spec = SaeSpec(architecture="topk", k=shape["k"], learning_rate=1e-4)
+    sae = arch.build(spec, d_model, d_sae=shape["d_sae"], matmul_dtype=args.dtype)
+    train = TrainConfig(steps=10**6, lr_warmup_steps=0, lr_decay_fraction=0.0)
+    members = {"topk": Member(sae, train, (0, d_model))}
+    trainer = StepTrainer(members, mesh, dead_window_tokens=10**12)
     first = np.random.default_rng(1).normal(size=(shape["sae_batch"], d_model)).astype(np.float32)
     state = {"value": trainer.init_state(0, first)}
     jax.block_until_ready(trainer.step(state["value"], first))  # compile (state is donated)

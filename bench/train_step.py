@@ -4,7 +4,7 @@ run, printed as JSON.
     python bench/train_step.py                      # small shapes: runs anywhere (CPU)
     python bench/train_step.py --shapes issue --dtype bfloat16 --peak-tflops 989  # H100
 
-A step is the full `Trainer.step` (forward, backward, Adam, decoder renormalisation, dead and
+A step is the full `StepTrainer.step` (forward, backward, Adam, decoder renormalisation, dead and
 dense tracking) on a batch already on the device. The reference does the five dense matmuls a
 ReLU SAE step needs (10*B*d*m FLOPs) and nothing else, so `vs_reference` says how close a step
 comes to pure matmul speed on this machine; MFU is given when the peak is known.
@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae import sharding
-from sae.arch import ARCHITECTURES
-from sae.train.optimizer import OptimizerSettings
-from sae.train.step import Member, Trainer
+from sae import arch, sharding
+from sae.arch import SaeSpec
+from sae.config import TrainConfig
+from sae.training.step import Member, StepTrainer
 
 SHAPES = {
     "small": {"d_model": 256, "d_sae": 2048, "batch": 1024, "k": 32},
@@ -81,9 +81,14 @@ def main() -> None:
     results = []
     for name in args.architectures.split(","):
         kwargs = {"k": k} if name in ("topk", "batchtopk") else {}
-        sae = ARCHITECTURES[name](d, m, matmul_dtype=args.dtype, **kwargs)
-        members = {name: Member(sae, OptimizerSettings(1e-4, 1000), (0, d))}
-        trainer = Trainer(members, mesh, dead_window_tokens=10**12)
+        spec = SaeSpec(architecture=name, learning_rate=1e-4, **kwargs)
+        sae = arch.build(spec, d, d_sae=m, matmul_dtype=args.dtype)
+        members = {
+            name: Member(
+                sae, TrainConfig(steps=1000, lr_warmup_steps=0, lr_decay_fraction=0.0), (0, d)
+            )
+        }
+        trainer = StepTrainer(members, mesh, dead_window_tokens=10**12)
         rows = np.random.default_rng(0).normal(size=(batch, d)).astype(np.float32)
         states = {"value": trainer.init_state(0, rows)}
         x = trainer.put_batch(rows)

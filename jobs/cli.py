@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TOOLS:
         return _guarded(lambda: _run_tool(argv[0], argv[1:]))
-    args = _parser().parse_args(argv)
+    # Intermixed: --config and --force may come anywhere among the overrides.
+    args = _parser().parse_intermixed_args(argv)
 
     def stage() -> None:
         from sae.config import load

@@ -6,19 +6,15 @@
 The SAE goes to <out>/<name> in the same format the train stage writes, and <out>/manifest.json
 lists it the way a train manifest lists trained SAEs, so `gemma-sae report workdir=<run>`
 (with `<out>` = `<run>/sae`) evaluates it and writes its steering vectors. Several imports into
-one `<out>` accumulate; a directory holding a real training run is refused.
+one `<out>` accumulate; a directory holding a real training run is refused
+(see sae.io.gemma_scope.import_sae).
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from sae.errors import InputError
-from sae.io import gemma_scope, manifest, storage
-from sae.progress import log
-
-STAGE = "train"  # what the report stage reads SAEs from
+from sae.io import gemma_scope
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,48 +37,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
-    request = gemma_scope.ImportRequest(
-        params_uri=args.params,
-        layer=args.layer,
-        model_preset=args.model_preset,
+    gemma_scope.import_sae(
+        args.params,
+        args.layer,
+        args.model_preset,
+        args.out,
         name=args.name,
         model_name=args.model_name,
     )
-    run(request, args.out)
-
-
-def run(request: gemma_scope.ImportRequest, out: str) -> None:
-    """Check everything first; then the SAE's files, then the manifest (written last)."""
-    prepared = gemma_scope.prepare(request)
-    previous = _previous_imports(out, request.model_preset)
-    storage.check_writable(out)
-    files = gemma_scope.write(prepared, out)
-    saes = {**previous.get("saes", {}), prepared.name: prepared.cfg}
-    sources = {
-        **previous.get("inputs", {}),
-        prepared.name: prepared.cfg["imported_from"]["fingerprint"],
-    }
-    outputs = sorted(set(previous.get("outputs", [])) | set(files))
-    config = {"import": {name: cfg["imported_from"]["uri"] for name, cfg in saes.items()}}
-    counts = {"saes": len(saes), "steps": 0, "tokens": 0}
-    extra = {"saes": saes, "imported": True}
-    manifest.write(out, STAGE, config, sources, counts, outputs, extra)
-    log("import", f"{prepared.name}: {prepared.cfg['d_in']}->{prepared.cfg['d_sae']} at {out}")
-
-
-def _previous_imports(out: str, model_preset: str) -> dict[str, Any]:
-    """The manifest of earlier imports into `out` (empty if none); refuses a training run's
-    output, and SAEs of another model (the report evaluates them all on one model)."""
-    found = manifest.read(out)
-    if found is None:
-        return {}
-    if not found.get("imported"):
-        raise InputError(f"{out} holds a {found.get('stage', 'stage')} output; import elsewhere")
-    others = sorted(
-        {str(cfg.get("model_preset")) for cfg in found.get("saes", {}).values()} - {model_preset}
-    )
-    if others:
-        raise InputError(
-            f"{out} holds SAEs of the model at {others[0]}, not {model_preset}; import elsewhere"
-        )
-    return found

@@ -4,40 +4,19 @@
         --prompt "The quick brown fox"
     gemma-sae steer --sae DIR --feature 12 --sweep 10,40,160 --prompt "..." --max-new-tokens 48
 
-The vector (the feature's unit decoder direction times the strength) is added to the output
-of `decoder_block_<layer>` at every position. All strengths of a sweep run as rows of one
-batch through one compiled generation loop, next to the unsteered row (strength 0).
-Everything the user can get wrong is checked before the model is loaded, as a one-line error.
+Parses the flags, loads the SAE and the config, and prints what `sae.analysis.steer.steer`
+generates: one labelled block per strength, the unsteered continuation first.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
 
-import numpy as np
-
-from sae.analysis import steering
+from sae.analysis.steer import steer
 from sae.config import load as load_config
-from sae.errors import ConfigError, InputError
-from sae.io import presets, saelens, storage
-from sae.progress import log
-
-
-@dataclass(frozen=True)
-class SteerPlan:
-    """A validated request: which direction goes where, on which model."""
-
-    sae_dir: str
-    feature: int
-    d_sae: int
-    layer: int
-    sae_layer: int
-    preset: str
-    dtype: str
-    direction: np.ndarray
-    strengths: list[float]
+from sae.io.saelens import Sae
+from sae.model.generation import Generation
 
 
 def _strength(text: str) -> float:
@@ -89,120 +68,47 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _choose_preset(explicit: str | None, configured: str, sae_cfg: dict, fallback: str) -> str:
-    preset = explicit or configured or sae_cfg.get("model_preset") or fallback
-    if not storage.exists(storage.join(preset, "config.json")):
-        raise InputError(
-            f"no keras-hub preset at {preset} (config.json not found); pass --model-preset"
-        )
-    return preset
-
-
-def _check_feature(feature: int, d_sae: int, sae_dir: str) -> None:
-    if not 0 <= feature < d_sae:
-        raise InputError(
-            f"--feature {feature} is out of range: the SAE at {sae_dir} has {d_sae} features "
-            f"(0..{d_sae - 1})"
-        )
-
-
-def _check_layer(layer: int | None, sae_cfg: dict, allow_mismatch: bool, sae_dir: str) -> int:
-    sae_layer = sae_cfg.get("layer")
-    if sae_layer is None:
-        if layer is None:
-            raise InputError(f"the SAE at {sae_dir} does not name its layer; pass --layer")
-        return layer
-    if layer is None or layer == sae_layer:
-        return int(sae_layer)
-    if not allow_mismatch:
-        raise ConfigError(
-            f"--layer {layer} differs from the SAE's layer {sae_layer} (its features were "
-            f"learned there); pass --allow-layer-mismatch to steer at layer {layer} anyway"
-        )
-    return layer
-
-
-def _check_hook(sae_cfg: dict, sae_dir: str) -> None:
-    # The vector is added to a block's output, the residual stream; an SAE on attention or
-    # MLP outputs lives in another space even when the widths agree.
-    hook = sae_cfg.get("hook_name", "")
-    if hook and "resid_post" not in hook:
-        raise InputError(
-            f"the SAE at {sae_dir} reads {hook}; steering adds to a block's output "
-            "(resid_post) and needs an SAE trained there"
-        )
-
-
-def plan(args: argparse.Namespace) -> SteerPlan:
-    """Every check that needs no model weights, in the order a user would fix them."""
-    config = load_config(args.config)
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.top_k < 0:
-        raise ConfigError(f"--top-k must not be negative, got {args.top_k}")
-    sae, params, sae_cfg = saelens.load(args.sae)
-    _check_feature(args.feature, sae.d_sae, args.sae)
-    layer = _check_layer(args.layer, sae_cfg, args.allow_layer_mismatch, args.sae)
-    _check_hook(sae_cfg, args.sae)
-    preset = _choose_preset(args.model_preset, config.model.preset, sae_cfg, config.preset_uri)
-    presets.check_layers(preset, [layer])
-    saelens.check_model_dim(
-        sae_cfg, presets.backbone_config(preset)["hidden_dim"], args.sae, preset
-    )
-    vocabulary = int(presets.backbone_config(preset)["vocabulary_size"])
-    if args.top_k > vocabulary:
-        raise ConfigError(f"--top-k {args.top_k} is larger than the vocabulary ({vocabulary})")
-    directions, _ = steering.unit_directions(params["W_dec"], [args.feature])
-    strengths = args.sweep if args.strength is None else [args.strength]
-    return SteerPlan(
-        sae_dir=args.sae,
-        feature=args.feature,
-        d_sae=sae.d_sae,
-        layer=layer,
-        sae_layer=int(sae_cfg.get("layer", layer)),
-        preset=preset,
-        dtype=config.model.dtype,
-        direction=directions[0],
-        strengths=[s for s in strengths if s != 0.0],
-    )
-
-
-def _indented(text: str) -> str:
-    return "\n".join("  " + line for line in (text or "(nothing before EOS)").splitlines())
-
-
-def render(plan: SteerPlan, prompt: str, generations: list, sampling: str) -> str:
-    """One labelled block per strength, the unsteered continuation first."""
-    where = f"decoder_block_{plan.layer}"
-    if plan.layer != plan.sae_layer:
-        where += f" (SAE trained on layer {plan.sae_layer})"
-    lines = [
-        f"model:   {plan.preset}",
-        f"SAE:     {plan.sae_dir} (feature {plan.feature} of {plan.d_sae})",
-        f"steered: {where}, {sampling}",
-        f"prompt:  {prompt}",
-    ]
+def render(header: list[str], generations: list[Generation]) -> str:
+    """The header lines, then one labelled, indented block per strength."""
+    lines = list(header)
     for generation in generations:
         label = "unsteered" if generation.strength == 0 else f"strength {generation.strength:g}"
-        lines += ["", f"--- {label} ---", _indented(generation.text)]
+        text = generation.text or "(nothing before EOS)"
+        lines += ["", f"--- {label} ---", *("  " + line for line in text.splitlines())]
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
-    steer = plan(args)
-    from sae.model.generation import SteeredGenerator
-
-    log("steer", f"loading {steer.preset}")
-    generator = SteeredGenerator.from_preset(steer.preset, steer.dtype)
-    generations = generator.generate(
+    config = load_config(args.config)
+    sae = Sae.load(args.sae)
+    preset = (
+        args.model_preset or config.model.preset or sae.cfg.get("model_preset") or config.preset_uri
+    )
+    generations = steer(
+        sae,
+        args.feature,
         args.prompt,
-        steer.direction,
-        [0.0, *steer.strengths],
-        steer.layer,
+        args.sweep if args.strength is None else [args.strength],
+        model_preset=preset,
+        layer=args.layer,
         max_new_tokens=args.max_new_tokens,
         top_k=args.top_k,
         seed=args.seed,
+        allow_layer_mismatch=args.allow_layer_mismatch,
+        dtype=config.model.dtype,
+        sae_uri=args.sae,
     )
+    # steer checked these: the layer given, else the SAE's.
+    layer = args.layer if args.layer is not None else sae.layer
+    where = f"decoder_block_{layer}"
+    if sae.layer is not None and layer != sae.layer:
+        where += f" (SAE trained on layer {sae.layer})"
     sampling = f"top-{args.top_k} sampling, seed {args.seed}" if args.top_k else "greedy"
-    print(render(steer, args.prompt, generations, f"{sampling}, {args.max_new_tokens} tokens"))
+    header = [
+        f"model:   {preset}",
+        f"SAE:     {args.sae} (feature {args.feature} of {sae.d_sae})",
+        f"steered: {where}, {sampling}, {args.max_new_tokens} tokens",
+        f"prompt:  {args.prompt}",
+    ]
+    print(render(header, generations))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae.analysis import evaluation, feature_report, features, logit_effects
-from sae.arch import ReluSAE
+from sae.arch import ReluSAE, SaeSpec
 
 D_MODEL, D_SAE, VOCAB, SEQ_LEN, SEQUENCES = 16, 48, 64, 24, 120
 BOS = 1
@@ -58,7 +58,7 @@ def activations(token_ids: np.ndarray, table: np.ndarray) -> np.ndarray:
 def build(batch_size: int = 8) -> Synthetic:
     rng = np.random.default_rng(0)
     table = rng.normal(size=(VOCAB, D_MODEL)).astype(np.float32)
-    sae = ReluSAE(d_model=D_MODEL, d_sae=D_SAE)
+    sae = ReluSAE(SaeSpec(architecture="relu"), d_model=D_MODEL, d_sae=D_SAE)
     w_dec = rng.normal(size=(D_SAE, D_MODEL)).astype(np.float32)
     w_dec /= np.linalg.norm(w_dec, axis=1, keepdims=True)
     params = {

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae.arch import ARCHITECTURES, LossContext, from_export_config
+from sae import arch
+from sae.arch import LossContext, SaeSpec, from_export_config
 from sae.arch.jumprelu import jump_relu, step_function
 from sae.io import saelens
 
@@ -27,7 +28,7 @@ def test_jumprelu_threshold_gradient_lives_in_the_bandwidth_window():
 
 def test_batchtopk_spends_k_per_token_on_average_across_the_batch():
     x = jnp.asarray(_data(128))
-    sae = ARCHITECTURES["batchtopk"](D, WIDTH, k=4)
+    sae = arch.build(SaeSpec(architecture="batchtopk", k=4), D, d_sae=WIDTH)
     params = sae.init_params(jax.random.key(0), x)
     ctx = LossContext(jnp.float32(1.0), jnp.zeros(WIDTH, bool))
     _, out = sae.loss(params, sae.init_buffers(), x, ctx)
@@ -41,7 +42,7 @@ def test_batchtopk_spends_k_per_token_on_average_across_the_batch():
 def test_export_with_folded_scale_encodes_raw_activations(architecture, tmp_path):
     raw = _data(64)
     scale = 0.37
-    sae = ARCHITECTURES[architecture](D, WIDTH)
+    sae = arch.build(SaeSpec(architecture=architecture), D, d_sae=WIDTH)
     params = sae.init_params(jax.random.key(0), jnp.asarray(raw * scale))
     buffers = sae.init_buffers()
     if "threshold" in buffers:

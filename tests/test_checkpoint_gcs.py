@@ -1,4 +1,4 @@
-"""sae.train.checkpoint on the GCS emulator: async Orbax saves through tensorstore, for real."""
+"""sae.training.checkpoint on the GCS emulator: async Orbax saves through tensorstore, for real."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sae.io import storage
-from sae.train.checkpoint import Checkpointer
+from sae.training.checkpoint import Checkpointer
 
 pytestmark = pytest.mark.gcs
 

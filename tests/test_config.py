@@ -109,7 +109,6 @@ def test_dataflow_settings_load():
             "unknown config key 'tokenize.dataflow.max_workers' (did you mean "
             "'tokenize.dataflow.max_num_workers'?)",
         ),
-        (["demo.enabled=false"], "tokenize.input is required when demo.enabled is false"),
         (["train"], "must look like key=value"),
     ],
 )
@@ -118,6 +117,16 @@ def test_bad_values_name_the_key(overrides, message):
         config.load(None, overrides)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_corpus_and_model_are_required_by_the_stages_that_read_them():
+    """Without the demo, a config may leave out the corpus and the model (training from .npy
+    files or a store reads neither); the stages that read them ask for them."""
+    loaded = config.load(None, ["demo.enabled=false", "train.source=npy", "train.activations=x"])
+    for key in ("tokenize.input", "model.preset"):
+        with pytest.raises(ConfigError, match=f"^{key} is required when demo.enabled is false$"):
+            loaded.require(key)
+    config.load(None, ["tokenize.input=c.jsonl", "model.preset=m"]).require("model.preset")
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -230,7 +230,7 @@ def test_two_processes_write_one_store_equal_to_a_single_process_extract(local_r
 
 
 def test_row_limit_shares_sum_to_max_rows_within_each_hosts_data():
-    from jobs.extract import _row_limit
+    from sae.model.extract import _row_limit
 
     assert [_row_limit(601, 10**6, p, 2) for p in range(2)] == [301, 300]
     assert [_row_limit(601, 200, p, 2) for p in range(2)] == [200, 200]
@@ -238,9 +238,9 @@ def test_row_limit_shares_sum_to_max_rows_within_each_hosts_data():
 
 
 def test_a_batch_the_hosts_devices_cannot_split_is_refused():
-    from jobs.extract import _check_mesh
     from sae import sharding
     from sae.errors import ConfigError
+    from sae.model.extract import _check_mesh
 
     with pytest.raises(ConfigError, match=r"lm_batch_size=6 \(sequences per host\) is not"):
         _check_mesh(sharding.make_mesh(4, 1), 6)

@@ -25,7 +25,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from jobs import import_sae
-from sae.arch import ARCHITECTURES, token_norm
+from sae import arch
+from sae.arch import ARCHITECTURES, SaeSpec, token_norm
 from sae.errors import InputError, SaeError
 from sae.io import manifest, saelens, storage
 
@@ -162,7 +163,8 @@ def _assert_same_latents(ours: np.ndarray, reference: SaeLensReference, x: np.nd
 def _trained_weights(architecture: str, normalize_tokens: bool = False) -> tuple[object, dict]:
     """An SAE as training leaves it: random non-trivial biases and thresholds."""
     options = {"k": 8} if architecture in ("topk", "batchtopk") else {}
-    sae = ARCHITECTURES[architecture](D, WIDTH, normalize_tokens=normalize_tokens, **options)
+    spec = SaeSpec(architecture=architecture, normalize_tokens=normalize_tokens, **options)
+    sae = arch.build(spec, D, d_sae=WIDTH)
     sample = jnp.asarray(_inputs(0) * SCALE)
     params = sae.init_params(jax.random.key(0), sample)
     rng = np.random.default_rng(2)
@@ -187,7 +189,7 @@ def _provenance(layer: int = 1) -> saelens.Provenance:
 def _export(
     tmp_path: Path, architecture: str, normalize_tokens: bool = False
 ) -> tuple[Path, object, dict]:
-    """What the train stage writes for one SAE (same calls as jobs.train._export)."""
+    """What the train stage writes for one SAE (same calls as sae.training.run._export)."""
     sae, weights = _trained_weights(architecture, normalize_tokens)
     exported = jax.tree.map(np.asarray, sae.export_weights(weights))
     cfg = saelens.build_config(

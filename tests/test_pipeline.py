@@ -88,8 +88,10 @@ def test_preempted_training_resumes_to_the_same_weights(local_run, tmp_path):
         if "checkpoint saved at step 20" in line:
             process.send_signal(signal.SIGTERM)
             break
-    process.stderr.read()
+    rest = process.stderr.read()
     assert process.wait(timeout=120) == 75
+    saved = [line for line in rest.splitlines() if "checkpoint saved at step" in line]
+    assert saved and len(saved) == len(set(saved)), f"a checkpoint announced twice: {saved}"
     assert manifest.read(str(tmp_path / "resumed" / "sae")) is None
     assert main(["train", *resumed]) == 0
 

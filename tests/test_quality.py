@@ -15,17 +15,19 @@ the BatchTopK reference's default) gives one cut-off the same meaning for every 
 test trains them that way. TopK ranks within each token and ReLU has no cut-off: raw inputs.
 """
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae import sharding
-from sae.arch import ARCHITECTURES
-from sae.train.optimizer import OptimizerSettings
-from sae.train.step import Member, Trainer
+from sae import arch, sharding
+from sae.arch import SaeSpec
+from sae.config import TrainConfig
+from sae.training.step import Member, StepTrainer
 
 pytestmark = pytest.mark.slow
 
@@ -51,23 +53,29 @@ def _sample(rng, directions, frequency, n: int) -> np.ndarray:
 @functools.cache
 def _trained():
     directions, frequency = _ground_truth()
-    optimizer = OptimizerSettings(3e-3, STEPS, warmup_steps=50, decay_steps=STEPS // 5)
+    train = TrainConfig(steps=STEPS, lr_warmup_steps=50, lr_decay_fraction=0.2)
+
+    def member(architecture: str, sparsity_warmup_steps: int = 0, **spec: Any) -> Member:
+        sae = arch.build(
+            SaeSpec(architecture=architecture, learning_rate=3e-3, **spec), D, d_sae=WIDTH
+        )
+        return Member(
+            sae, dataclasses.replace(train, sparsity_warmup_steps=sparsity_warmup_steps), (0, D)
+        )
+
     members = {
-        "relu": Member(ARCHITECTURES["relu"](D, WIDTH, l1_coefficient=3.0), optimizer, (0, D)),
-        "topk": Member(ARCHITECTURES["topk"](D, WIDTH, k=6), optimizer, (0, D)),
-        "batchtopk": Member(
-            ARCHITECTURES["batchtopk"](D, WIDTH, k=6, normalize_tokens=True), optimizer, (0, D)
-        ),
-        "jumprelu": Member(
-            ARCHITECTURES["jumprelu"](
-                D, WIDTH, l0_coefficient=0.5, init_threshold=0.5, normalize_tokens=True
-            ),
-            optimizer,
-            (0, D),
+        "relu": member("relu", sparsity_coefficient=3.0),
+        "topk": member("topk", k=6),
+        "batchtopk": member("batchtopk", k=6, normalize_tokens=True),
+        "jumprelu": member(
+            "jumprelu",
             STEPS // 10,
+            sparsity_coefficient=0.5,
+            jumprelu_init_threshold=0.5,
+            normalize_tokens=True,
         ),
     }
-    trainer = Trainer(members, sharding.make_mesh(1, 1, devices=jax.devices()[:1]), BATCH * 100)
+    trainer = StepTrainer(members, sharding.make_mesh(1, 1, devices=jax.devices()[:1]), BATCH * 100)
     rng = np.random.default_rng(1)
     states = trainer.init_state(0, _sample(rng, directions, frequency, BATCH))
     for _ in range(STEPS):

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jobs import train
 from jobs.cli import main
 from jobs.cloud import retrain
 from sae import sharding
@@ -21,7 +20,8 @@ from sae.config import load
 from sae.demo.corpus import write_demo_corpus
 from sae.errors import PREEMPTED_EXIT_CODE, Preempted
 from sae.io import manifest, saelens, storage
-from sae.train.step import Trainer, to_host
+from sae.training import run as train
+from sae.training.step import StepTrainer, to_host
 
 from .conftest import SMALL, SMALL_SAES
 
@@ -141,7 +141,7 @@ def test_warm_start_begins_at_the_previous_final_weights(history):
     base, (run1, _, _) = history["base"], history["runs"]
     config = load(None, [f"workdir={base / 'runs' / run1}", *SMALL, *FAST])
     members = train.build_members(config.train, 64, by_layer=True)
-    trainer = Trainer(members, sharding.make_mesh(-1, 1), config.train.dead_window_tokens)
+    trainer = StepTrainer(members, sharding.make_mesh(-1, 1), config.train.dead_window_tokens)
     sample = np.random.default_rng(0).normal(size=(256, 64)).astype(np.float32)
     fresh = trainer.init_state(1, sample)
     warm = train._warm_started(trainer, fresh, train.WarmStart(config.sae_uri, 40))
@@ -313,7 +313,7 @@ def test_warm_start_from_gcs(history, gcs_bucket_uri):
     warm = train.warm_start_source(config, 64)
     assert warm == train.WarmStart(remote_sae, 40)
     members = train.build_members(config.train, 64, by_layer=True)
-    trainer = Trainer(members, sharding.make_mesh(-1, 1), config.train.dead_window_tokens)
+    trainer = StepTrainer(members, sharding.make_mesh(-1, 1), config.train.dead_window_tokens)
     fresh = trainer.init_state(1, np.ones((256, 64), np.float32))
     started = train._warm_started(trainer, fresh, warm)
     for name in SMALL_SAES:

@@ -239,8 +239,8 @@ def test_tokenizer_from_a_sentencepiece_file_or_preset(tmp_path, proto):
 
 
 def test_tokenize_stage_with_a_tokenizer_file_parquet_and_eos(tmp_path, proto):
-    from jobs import tokenize
     from sae import config
+    from sae.data.tokenize import tokenize
     from sae.io import manifest
 
     model = tmp_path / "tok.model"
@@ -259,7 +259,7 @@ def test_tokenize_stage_with_a_tokenizer_file_parquet_and_eos(tmp_path, proto):
         "tokenize.on_bad_record=skip",
     ]
     cfg = config.load(None, overrides)
-    tokenize.run(cfg)
+    tokenize(cfg)
     found = manifest.read(cfg.tokens_uri)
     counts = found["counts"]
     assert counts["documents"] == len(TEXTS)
@@ -270,7 +270,7 @@ def test_tokenize_stage_with_a_tokenizer_file_parquet_and_eos(tmp_path, proto):
     # A missing column stops the stage with one line, and leaves no manifest behind.
     missing = config.load(None, [*overrides, "tokenize.text_field=body"])
     with pytest.raises(InputError, match=r"c.parquet has no column 'body' \(it has: text\)$"):
-        tokenize.run(missing, force=True)
+        tokenize(missing, force=True)
     assert manifest.read(cfg.tokens_uri) is None
 
 

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 from jobs.cli import main
 from sae.data import activation_store, activations
 from sae.io import manifest
-from sae.train.step import agreed_stop
+from sae.training.step import agreed_stop
 
 from .conftest import SMALL_SAES, _free_port, reuse_run
 

@@ -27,10 +27,11 @@ def _args(tmp_path, *extra):
 
 
 def test_training_from_npy_files(tmp_path):
+    """Without the demo and with neither a corpus nor a model named: .npy rows need neither."""
     (tmp_path / "acts").mkdir()
     for index in range(2):
         np.save(tmp_path / "acts" / f"part-{index}.npy", _data(700, seed=index) * 7.0)
-    assert main(_args(tmp_path)) == 0
+    assert main(_args(tmp_path, "demo.enabled=false")) == 0
     run = tmp_path / "run" / "sae"
     manifest = json.loads((run / "manifest.json").read_text())
     assert set(manifest["saes"]) == {"topk-L2-x4-k8", "jumprelu-L2-x8-c2"}

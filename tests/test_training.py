@@ -1,7 +1,9 @@
 """The train step: every architecture gives the same numbers sharded as on one device, keeps
 its decoder constraint, tracks dead latents, compiles once, and follows its schedules."""
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from sae import sharding
-from sae.arch import ARCHITECTURES
-from sae.train.optimizer import OptimizerSettings, learning_rate_schedule
-from sae.train.step import Member, Trainer, remove_parallel_component
+from sae import arch, sharding
+from sae.arch import SaeSpec, SparseAutoencoder
+from sae.config import TrainConfig
+from sae.training.optimizer import learning_rate_schedule
+from sae.training.step import LoopHooks, Member, StepTrainer, remove_parallel_component, run_loop
 
 D, WIDTH = 16, 64
 
@@ -24,17 +27,24 @@ def _data(n: int = 512, seed: int = 0) -> np.ndarray:
     return (codes @ directions + 0.5).astype(np.float32)
 
 
+def _sae(architecture: str, **spec: Any) -> SparseAutoencoder:
+    return arch.build(
+        SaeSpec(architecture=architecture, learning_rate=1e-3, **spec), D, d_sae=WIDTH
+    )
+
+
 def _members(steps: int = 10) -> dict[str, Member]:
-    optimizer = OptimizerSettings(1e-3, steps, warmup_steps=2, decay_steps=3)
+    # Warm-up 2 steps, decay over the last 3.
+    train = TrainConfig(steps=steps, lr_warmup_steps=2, lr_decay_fraction=0.3)
     columns = (0, D)
     return {
-        "relu": Member(
-            ARCHITECTURES["relu"](D, WIDTH, l1_coefficient=1.0), optimizer, columns, 0, 2
-        ),
-        "topk": Member(ARCHITECTURES["topk"](D, WIDTH, k=4), optimizer, columns),
-        "batchtopk": Member(ARCHITECTURES["batchtopk"](D, WIDTH, k=4), optimizer, columns),
+        "relu": Member(_sae("relu", sparsity_coefficient=1.0, resample_every=2), train, columns),
+        "topk": Member(_sae("topk", k=4), train, columns),
+        "batchtopk": Member(_sae("batchtopk", k=4), train, columns),
         "jumprelu": Member(
-            ARCHITECTURES["jumprelu"](D, WIDTH, l0_coefficient=0.1), optimizer, columns, 3
+            _sae("jumprelu", sparsity_coefficient=0.1),
+            dataclasses.replace(train, sparsity_warmup_steps=3),
+            columns,
         ),
     }
 
@@ -42,7 +52,7 @@ def _members(steps: int = 10) -> dict[str, Member]:
 def _run(mesh_shape, devices, steps: int = 5):
     x = _data()
     # A short dead window so AuxK and resampling are exercised within the few steps.
-    trainer = Trainer(_members(), sharding.make_mesh(*mesh_shape, devices=devices), 128)
+    trainer = StepTrainer(_members(), sharding.make_mesh(*mesh_shape, devices=devices), 128)
     states = trainer.init_state(seed=0, sample=x)
     metrics = []
     for i in range(steps):
@@ -91,7 +101,7 @@ def test_step_compiles_once_and_decoder_constraints_hold():
 
 
 def test_parameters_are_sharded_over_the_model_axis():
-    trainer = Trainer(_members(), sharding.make_mesh(2, 4), 256)
+    trainer = StepTrainer(_members(), sharding.make_mesh(2, 4), 256)
     states = trainer.init_state(0, _data())
     w_enc = states["topk"].params["W_enc"]
     assert w_enc.sharding.spec == jax.sharding.PartitionSpec(None, "model")
@@ -110,24 +120,24 @@ def test_parallel_gradient_component_is_removed():
 
 
 def test_learning_rate_schedule_warms_up_holds_and_decays():
-    settings = OptimizerSettings(1.0, 100, warmup_steps=10, decay_steps=20, final_fraction=0.1)
-    schedule = learning_rate_schedule(settings)
+    train = TrainConfig(steps=100, lr_warmup_steps=10, lr_decay_fraction=0.2)
+    schedule = learning_rate_schedule(1.0, dataclasses.replace(train, lr_final_fraction=0.1))
     assert float(schedule(0)) == 0.0
     assert float(schedule(5)) == pytest.approx(0.5)
     assert float(schedule(50)) == pytest.approx(1.0)
     assert float(schedule(90)) == pytest.approx(0.55)
     assert float(schedule(100)) == pytest.approx(0.1)
     cosine = learning_rate_schedule(
-        OptimizerSettings(1.0, 100, decay_steps=20, decay_shape="cosine")
+        1.0, dataclasses.replace(train, lr_warmup_steps=0, lr_decay_shape="cosine")
     )
     assert float(cosine(90)) == pytest.approx(0.5, abs=1e-6)
 
 
 def test_resampling_points_dead_latents_at_badly_reconstructed_inputs():
-    from sae.train.resampling import resample_dead
+    from sae.training.resampling import resample_dead
 
     x = jnp.asarray(_data(64))
-    sae = ARCHITECTURES["relu"](D, WIDTH)
+    sae = _sae("relu")
     params = sae.init_params(jax.random.key(0), x)
     opt_state = optax.adam(1e-3).init(params)
     opt_state = jax.tree.map(lambda a: a + 1.0 if a.dtype == jnp.float32 else a, opt_state)
@@ -150,12 +160,13 @@ def test_token_standardisation_makes_training_blind_to_each_tokens_scale(archite
     first batch (input scale, decoder bias) and every step see standardised tokens."""
     x = _data()
     factors = np.random.default_rng(3).uniform(0.3, 3.0, size=(len(x), 1)).astype(np.float32)
-    optimizer = OptimizerSettings(1e-3, 4)
+    run = TrainConfig(steps=4, lr_warmup_steps=0, lr_decay_fraction=0.0)
     options = {"k": 4} if architecture == "batchtopk" else {}
-    sae = ARCHITECTURES[architecture](D, WIDTH, normalize_tokens=True, **options)
+    sae = _sae(architecture, normalize_tokens=True, **options)
 
     def train(data: np.ndarray):
-        trainer = Trainer({"sae": Member(sae, optimizer, (0, D))}, _single_device()[0].mesh, 128)
+        mesh = _single_device()[0].mesh
+        trainer = StepTrainer({"sae": Member(sae, run, (0, D))}, mesh, 128)
         states = trainer.init_state(seed=0, sample=data)
         for i in range(4):
             states, _ = trainer.step(states, data[i * 128 : (i + 1) * 128])
@@ -165,9 +176,23 @@ def test_token_standardisation_makes_training_blind_to_each_tokens_scale(archite
     # Rounding can move a pre-activation across JumpReLU's kernel edge: a loose atol.
     for key in plain:
         np.testing.assert_allclose(rescaled[key], plain[key], rtol=1e-3, atol=5e-3, err_msg=key)
-    raw = ARCHITECTURES[architecture](D, WIDTH, **options)  # without it, the scales matter
-    with_scales = Trainer({"sae": Member(raw, optimizer, (0, D))}, _single_device()[0].mesh, 128)
+    raw = _sae(architecture, **options)  # without it, the scales matter
+    with_scales = StepTrainer({"sae": Member(raw, run, (0, D))}, _single_device()[0].mesh, 128)
     assert not np.allclose(
         with_scales.init_state(0, x)["sae"].params["b_dec"],
         with_scales.init_state(0, x * factors)["sae"].params["b_dec"],
     )
+
+
+def test_a_stop_at_a_checkpoint_step_saves_it_once():
+    """SIGTERM noticed at a step that was just checkpointed: one save, one announcement."""
+    trainer = StepTrainer(_members(), _single_device()[0].mesh, 128)
+    x = _data()
+    states = trainer.init_state(0, x[:128])
+    saved: list[int] = []
+    hooks = LoopHooks(
+        on_checkpoint=lambda step, _: saved.append(step), should_stop=lambda: len(saved) > 0
+    )
+    batches = (x[i * 128 : (i + 1) * 128] for i in range(4))
+    run_loop(trainer, states, batches, steps=10, log_every=5, checkpoint_every=2, hooks=hooks)
+    assert saved == [2]

@@ -10,7 +10,7 @@ that re-run the model with the SAE spliced in (CE loss recovered, delta LM loss)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import jax
@@ -21,6 +21,7 @@ from sae.analysis import feature_stats
 from sae.arch import token_norm
 from sae.arch.base import SparseAutoencoder
 from sae.data.activations import content_mask, sequence_batches
+from sae.errors import InputError
 
 DENSE_THRESHOLD = 0.1
 
@@ -180,3 +181,22 @@ def _merge_top(
         np.take_along_axis(all_values, order, axis=1),
         np.take_along_axis(all_refs, order[..., None], axis=1),
     )
+
+
+def evaluate_rows(
+    models: list[EvalModel], batches: Iterable[np.ndarray], top_k: int = 8
+) -> list[EvalResult]:
+    """The same metrics and feature statistics on activation rows [tokens, d_model] in memory
+    (no model, no text): each row is a sequence of one token, so top references are
+    (row, 0)."""
+    accumulators = [_Accumulator(model, top_k) for model in models]
+    tokens = 0
+    for batch in batches:
+        rows = np.asarray(batch, np.float32)[:, None, :]
+        mask = np.ones(rows.shape[:2], bool)
+        for accumulator in accumulators:
+            accumulator.add(rows, mask, tokens)
+        tokens += len(rows)
+    if not tokens:
+        raise InputError("no activations to evaluate")
+    return [accumulator.result(tokens, []) for accumulator in accumulators]

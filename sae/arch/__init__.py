@@ -8,6 +8,7 @@ from sae.arch.base import LossContext, Params, SparseAutoencoder
 from sae.arch.batchtopk import BatchTopKSAE
 from sae.arch.jumprelu import JumpReluSAE
 from sae.arch.relu import ReluSAE
+from sae.arch.spec import SaeSpec
 from sae.arch.topk import TopKSAE
 
 # What training can build.
@@ -27,6 +28,22 @@ INFERENCE_ARCHITECTURES: dict[str, type] = {
 }
 
 
+def build(
+    spec: SaeSpec,
+    d_model: int,
+    *,
+    d_sae: int | None = None,
+    decoder_bias_init: str = "mean",
+    matmul_dtype: str = "float32",
+) -> SparseAutoencoder:
+    """The trainable SAE `spec` describes, on a model of hidden size `d_model` (width
+    `spec.width(d_model)` unless `d_sae` is given)."""
+    width = spec.width(d_model) if d_sae is None else d_sae
+    return ARCHITECTURES[spec.architecture](
+        spec, d_model, width, decoder_bias_init=decoder_bias_init, matmul_dtype=matmul_dtype
+    )
+
+
 def from_export_config(cfg: dict[str, Any]) -> SparseAutoencoder:
     """The inference model a saved cfg.json describes."""
     return INFERENCE_ARCHITECTURES[cfg["architecture"]].from_export(cfg)
@@ -39,7 +56,9 @@ __all__ = [
     "LossContext",
     "Params",
     "ReluSAE",
+    "SaeSpec",
     "SparseAutoencoder",
     "TopKSAE",
+    "build",
     "from_export_config",
 ]

@@ -8,30 +8,11 @@ branch is skipped entirely, which is the common case once training has settled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import jax
 import jax.numpy as jnp
 
 from sae.arch import common, sparse_ops
 from sae.arch.base import Params
-
-
-@dataclass(frozen=True)
-class KSparseDictionary(common.StandardDictionary):
-    """The settings TopK and BatchTopK share: k active latents per token (on average, for
-    BatchTopK) and AuxK for the dead ones."""
-
-    d_model: int
-    d_sae: int
-    k: int = 32
-    # 0 picks d_model / 2, the paper's choice.
-    k_aux: int = 0
-    auxk_coefficient: float = 1 / 32
-    decoder_bias_init: str = "mean"
-    matmul_dtype: str = "float32"
-    # Standardise each token before encoding (sae.arch.token_norm).
-    normalize_tokens: bool = False
 
 
 def aux_latents(k_aux: int, d_model: int, d_sae: int) -> int:

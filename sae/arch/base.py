@@ -27,6 +27,8 @@ class LossContext:
 
 class SparseAutoencoder(Protocol):
     architecture: str
+    # Its settings (sae.arch.spec.SaeSpec): what the loss, selection and optimizer read.
+    spec: Any
     d_model: int
     d_sae: int
     # Decoder rows held at unit norm (gradient parallel to each row removed, then renormed).

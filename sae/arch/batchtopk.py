@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sae.arch import common, sparse_ops
-from sae.arch.auxk import KSparseDictionary, aux_latents, auxk_loss
+from sae.arch.auxk import aux_latents, auxk_loss
 from sae.arch.base import LossContext, Params
 
 # Weight of the newest batch cut-off in the running threshold estimate.
@@ -23,12 +23,12 @@ THRESHOLD_MOMENTUM = 0.01
 
 
 @dataclass(frozen=True)
-class BatchTopKSAE(KSparseDictionary):
+class BatchTopKSAE(common.StandardDictionary):
     architecture: ClassVar[str] = "batchtopk"
     unit_norm_decoder: ClassVar[bool] = True
 
     def export_config(self) -> dict[str, Any]:
-        return {"architecture": "jumprelu", "trained_as": self.architecture, "k": self.k}
+        return {"architecture": "jumprelu", "trained_as": self.architecture, "k": self.spec.k}
 
     def export_weights(self, weights: Params) -> Params:
         exported = {k: v for k, v in weights.items() if k != "threshold"}
@@ -50,15 +50,15 @@ class BatchTopKSAE(KSparseDictionary):
     ) -> tuple[jax.Array, dict[str, Any]]:
         pre = common.pre_activations(params, x, self.matmul_dtype)
         positive = jax.nn.relu(pre)
-        cutoff = jax.lax.stop_gradient(sparse_ops.kth_largest(positive, self.k * x.shape[0]))
+        cutoff = jax.lax.stop_gradient(sparse_ops.kth_largest(positive, self.spec.k * x.shape[0]))
         active = (positive >= cutoff) & (positive > 0)
         latents = jnp.where(active, positive, 0.0)
         reconstruction = self.decode(params, latents)
         mse = common.squared_error(x, reconstruction)
-        k_aux = aux_latents(self.k_aux, self.d_model, self.d_sae)
+        k_aux = aux_latents(self.spec.k_aux, self.d_model, self.d_sae)
         auxk = auxk_loss(params, x, reconstruction, pre, ctx.dead, k_aux, self.matmul_dtype)
         outputs = common.dense_outputs(reconstruction, active, {"mse": mse, "auxk": auxk})
-        return mse + self.auxk_coefficient * auxk, {**outputs, "cutoff": cutoff}
+        return mse + self.spec.auxk_coefficient * auxk, {**outputs, "cutoff": cutoff}
 
     def update_buffers(self, buffers: Params, outputs: dict[str, Any], step: jax.Array) -> Params:
         cutoff = outputs["cutoff"]

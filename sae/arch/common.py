@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from sae.arch.base import Params
+from sae.arch.spec import SaeSpec
 from sae.sharding import MODEL
 
 STANDARD_SPECS: dict[str, tuple[str | None, ...]] = {
@@ -18,15 +20,33 @@ STANDARD_SPECS: dict[str, tuple[str | None, ...]] = {
 }
 
 
+@dataclass(frozen=True)
 class StandardDictionary:
-    """What most architectures share: encoder, decoder and their biases, sharded by
-    STANDARD_SPECS; no buffers; a dense decoder; exported as trained. Dataclass subclasses
-    define the fields used here (d_model, d_sae, decoder_bias_init, matmul_dtype,
-    normalize_tokens) and override what differs."""
+    """What every architecture shares: its settings (`spec`, read directly: the one place they
+    are declared), the sizes, the run's matmul dtype and decoder-bias init; encoder, decoder
+    and their biases, sharded by STANDARD_SPECS; no buffers; a dense decoder; exported as
+    trained. Subclasses override what differs."""
+
+    spec: SaeSpec
+    d_model: int
+    d_sae: int
+    # The run's train.decoder_bias_init and train.matmul_dtype.
+    decoder_bias_init: str = "mean"
+    matmul_dtype: str = "float32"
+
+    @property
+    def normalize_tokens(self) -> bool:
+        return self.spec.normalize_tokens
 
     @classmethod
     def from_export(cls, cfg: dict[str, Any]) -> Any:
-        return cls(d_model=cfg["d_in"], d_sae=cfg["d_sae"], **export_options(cfg))
+        """The inference model a saved cfg.json describes."""
+        spec = SaeSpec(
+            architecture=cls.architecture,  # type: ignore[attr-defined]
+            k=int(cfg.get("k", SaeSpec.k)),
+            normalize_tokens=cfg.get("normalize_activations") == "layer_norm",
+        )
+        return cls(spec, d_model=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]))
 
     def export_weights(self, weights: Params) -> Params:
         return dict(weights)
@@ -45,11 +65,6 @@ class StandardDictionary:
 
     def update_buffers(self, buffers: Params, outputs: dict[str, Any], step: jax.Array) -> Params:
         return buffers
-
-
-def export_options(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Constructor settings every architecture reads from an exported cfg.json."""
-    return {"normalize_tokens": cfg.get("normalize_activations") == "layer_norm"}
 
 
 def dense_outputs(

@@ -66,16 +66,6 @@ step_function.defvjp(_step_fwd, _step_bwd)
 
 @dataclass(frozen=True)
 class JumpReluSAE(common.StandardDictionary):
-    d_model: int
-    d_sae: int
-    l0_coefficient: float = 1.0
-    bandwidth: float = 0.05
-    init_threshold: float = 0.05
-    decoder_bias_init: str = "mean"
-    matmul_dtype: str = "float32"
-    # Standardise each token before encoding (sae.arch.token_norm).
-    normalize_tokens: bool = False
-
     architecture: ClassVar[str] = "jumprelu"
     unit_norm_decoder: ClassVar[bool] = True
 
@@ -89,7 +79,7 @@ class JumpReluSAE(common.StandardDictionary):
 
     def init_params(self, key: jax.Array, sample: jax.Array) -> Params:
         params = common.init_weights(key, sample, self.d_sae, self.decoder_bias_init)
-        log_threshold = jnp.log(jnp.float32(self.init_threshold))
+        log_threshold = jnp.log(jnp.float32(self.spec.jumprelu_init_threshold))
         params["log_threshold"] = jnp.full((self.d_sae,), log_threshold, jnp.float32)
         return params
 
@@ -111,10 +101,10 @@ class JumpReluSAE(common.StandardDictionary):
     ) -> tuple[jax.Array, dict[str, Any]]:
         pre = common.pre_activations(params, x, self.matmul_dtype)
         threshold = jnp.exp(params["log_threshold"])
-        latents = jump_relu(pre, threshold, self.bandwidth)
+        latents = jump_relu(pre, threshold, self.spec.jumprelu_bandwidth)
         reconstruction = self.decode(params, latents)
         mse = common.squared_error(x, reconstruction)
-        l0 = jnp.mean(jnp.sum(step_function(pre, threshold, self.bandwidth), axis=-1))
+        l0 = jnp.mean(jnp.sum(step_function(pre, threshold, self.spec.jumprelu_bandwidth), axis=-1))
         parts = {"mse": mse, "l0_penalty": l0}
-        loss = mse + self.l0_coefficient * ctx.sparsity_scale * l0
+        loss = mse + self.spec.sparsity_coefficient * ctx.sparsity_scale * l0
         return loss, common.dense_outputs(reconstruction, latents != 0, parts)

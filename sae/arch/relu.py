@@ -18,14 +18,6 @@ from sae.arch.base import LossContext, Params
 
 @dataclass(frozen=True)
 class ReluSAE(common.StandardDictionary):
-    d_model: int
-    d_sae: int
-    l1_coefficient: float = 5.0
-    decoder_bias_init: str = "mean"
-    matmul_dtype: str = "float32"
-    # Standardise each token before encoding (sae.arch.token_norm).
-    normalize_tokens: bool = False
-
     architecture: ClassVar[str] = "relu"
     unit_norm_decoder: ClassVar[bool] = False
 
@@ -44,5 +36,5 @@ class ReluSAE(common.StandardDictionary):
         mse = common.squared_error(x, reconstruction)
         decoder_norms = jnp.linalg.norm(params["W_dec"], axis=1)
         l1 = jnp.mean(jnp.sum(latents * decoder_norms, axis=-1))
-        loss = mse + self.l1_coefficient * ctx.sparsity_scale * l1
+        loss = mse + self.spec.sparsity_coefficient * ctx.sparsity_scale * l1
         return loss, common.dense_outputs(reconstruction, latents > 0, {"mse": mse, "l1": l1})

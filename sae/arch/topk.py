@@ -13,34 +13,28 @@ import jax
 import jax.numpy as jnp
 
 from sae.arch import common, sparse_ops
-from sae.arch.auxk import KSparseDictionary, aux_latents, auxk_loss
+from sae.arch.auxk import aux_latents, auxk_loss
 from sae.arch.base import LossContext, Params
 
 
 @dataclass(frozen=True)
-class TopKSAE(KSparseDictionary):
+class TopKSAE(common.StandardDictionary):
     architecture: ClassVar[str] = "topk"
     unit_norm_decoder: ClassVar[bool] = True
-
-    @classmethod
-    def from_export(cls, cfg: dict[str, Any]) -> TopKSAE:
-        return cls(
-            d_model=cfg["d_in"], d_sae=cfg["d_sae"], k=cfg["k"], **common.export_options(cfg)
-        )
 
     def export_config(self) -> dict[str, Any]:
         # Selection on the plain pre-activations (the decoder rows are unit norm in training).
         return {
             "architecture": self.architecture,
             "trained_as": self.architecture,
-            "k": self.k,
+            "k": self.spec.k,
             "rescale_acts_by_decoder_norm": False,
         }
 
     def select(self, weights: Params, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(pre-activations, relu'd top-k values, their latent indices)."""
         pre = common.pre_activations(weights, x, self.matmul_dtype)
-        values, indices = sparse_ops.top_k(pre, self.k)
+        values, indices = sparse_ops.top_k(pre, self.spec.k)
         return pre, jax.nn.relu(values), indices
 
     def encode(self, weights: Params, x: jax.Array) -> jax.Array:
@@ -54,10 +48,10 @@ class TopKSAE(KSparseDictionary):
         w_dec = params["W_dec"].astype(self.matmul_dtype)
         reconstruction = sparse_ops.sparse_decode(values, indices, w_dec) + params["b_dec"]
         mse = common.squared_error(x, reconstruction)
-        k_aux = aux_latents(self.k_aux, self.d_model, self.d_sae)
+        k_aux = aux_latents(self.spec.k_aux, self.d_model, self.d_sae)
         auxk = auxk_loss(params, x, reconstruction, pre, ctx.dead, k_aux, self.matmul_dtype)
         active = values > 0
-        return mse + self.auxk_coefficient * auxk, {
+        return mse + self.spec.auxk_coefficient * auxk, {
             "reconstruction": reconstruction,
             "fire_counts": sparse_ops.fire_counts(indices, active, self.d_sae),
             "l0": jnp.mean(jnp.sum(active, axis=-1)),

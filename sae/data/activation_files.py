@@ -29,23 +29,34 @@ def find_activation_files(spec: str) -> list[str]:
 
 
 class NpyRows:
-    """Several `.npy` files seen as one table of rows."""
+    """Several `.npy` files (or in-memory arrays) seen as one table of rows."""
 
     def __init__(self, uris: list[str]) -> None:
         if not uris:
             raise InputError("no activation files given")
-        self.uris = uris
-        self.arrays = []
+        arrays = []
         for uri in uris:
             try:
                 array = np.load(storage.local_copy(uri), mmap_mode="r", allow_pickle=False)
             except (ValueError, OSError) as error:
                 raise InputError(f"{uri} is not a readable .npy file: {error}") from None
+            arrays.append(array)
+        self._set_arrays(uris, arrays)
+
+    @classmethod
+    def in_memory(cls, array: np.ndarray) -> NpyRows:
+        """One array already in memory (a notebook's activations), named `array`."""
+        rows = cls.__new__(cls)
+        rows._set_arrays(["array"], [np.asarray(array)])
+        return rows
+
+    def _set_arrays(self, uris: list[str], arrays: list[np.ndarray]) -> None:
+        for uri, array in zip(uris, arrays, strict=True):
             if array.ndim != 2 or array.shape[0] == 0:
                 raise InputError(f"{uri} has shape {array.shape}; expected [tokens, d_model]")
             if not np.issubdtype(array.dtype, np.floating):
                 raise InputError(f"{uri} holds {array.dtype}; expected floating-point rows")
-            self.arrays.append(array)
+        self.uris, self.arrays = uris, arrays
         dims = {a.shape[1] for a in self.arrays}
         if len(dims) > 1:
             raise InputError(f"activation files disagree on d_model: {sorted(dims)}")

@@ -27,6 +27,9 @@ class LockstepTap(Protocol):
 
     def any_host(self, flag: bool) -> Any: ...
 
+    @property
+    def mesh(self) -> Any: ...
+
 
 def content_mask(token_ids: np.ndarray, lengths: np.ndarray, bos_id: int) -> np.ndarray:
     """Positions that are real tokens: not padding and not BOS (whose activations are

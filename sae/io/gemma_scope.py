@@ -6,6 +6,11 @@ b_dec [d_model] and threshold [d_sae] of a JumpReLU SAE on raw residual-stream a
 pre = x W_enc + b_enc, b_dec not subtracted from the input. It is written unchanged, as
 SAELens' own Gemma Scope loader describes it (jumprelu, apply_b_dec_to_input=false), and
 `saelens.load` folds b_dec into b_enc for our encoder.
+
+`import_sae` writes the SAE to <out>/<name> in the same format the train stage writes, and
+<out>/manifest.json lists it the way a train manifest lists trained SAEs, so the report stage
+(with <out> = <workdir>/sae) evaluates it and writes its steering vectors. Several imports into
+one <out> accumulate; a directory holding a real training run is refused.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ from typing import Any
 import numpy as np
 
 from sae.errors import ConfigError, InputError
-from sae.io import presets, saelens, storage
+from sae.io import manifest, presets, saelens, storage
+from sae.progress import log
 
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 # The length of the sequences Gemma Scope was trained on.
 CONTEXT_SIZE = 1024
+# The stage whose manifest imports write: what the report stage reads SAEs from.
+STAGE = "train"
 
 
 @dataclass(frozen=True)
@@ -132,3 +140,54 @@ def prepare(request: ImportRequest) -> PreparedSae:
 def write(prepared: PreparedSae, out: str) -> list[str]:
     """The SAE under <out>/<name>, like a trained one; returns the files written."""
     return saelens.save(storage.join(out, prepared.name), prepared.weights, prepared.cfg)
+
+
+def import_sae(
+    params_uri: str,
+    layer: int,
+    model_preset: str,
+    out: str,
+    name: str = "",
+    model_name: str = "",
+) -> str:
+    """Import the params.npz at `params_uri` (an SAE on residual-stream layer `layer` of the
+    keras-hub preset `model_preset`) into `out`; returns the SAE's directory, <out>/<name>.
+
+    `name` defaults to gemma-scope-L<layer>-<width>, `model_name` (SAELens' TransformerLens
+    name) to one from the preset's shape. Everything is checked first; then the SAE's files
+    are written, then the manifest (last)."""
+    request = ImportRequest(params_uri, layer, model_preset, name, model_name)
+    prepared = prepare(request)
+    previous = _previous_imports(out, model_preset)
+    storage.check_writable(out)
+    files = write(prepared, out)
+    saes = {**previous.get("saes", {}), prepared.name: prepared.cfg}
+    sources = {
+        **previous.get("inputs", {}),
+        prepared.name: prepared.cfg["imported_from"]["fingerprint"],
+    }
+    outputs = sorted(set(previous.get("outputs", [])) | set(files))
+    config = {"import": {key: cfg["imported_from"]["uri"] for key, cfg in saes.items()}}
+    counts = {"saes": len(saes), "steps": 0, "tokens": 0}
+    extra = {"saes": saes, "imported": True}
+    manifest.write(out, STAGE, config, sources, counts, outputs, extra)
+    log("import", f"{prepared.name}: {prepared.cfg['d_in']}->{prepared.cfg['d_sae']} at {out}")
+    return storage.join(out, prepared.name)
+
+
+def _previous_imports(out: str, model_preset: str) -> dict[str, Any]:
+    """The manifest of earlier imports into `out` (empty if none); refuses a training run's
+    output, and SAEs of another model (the report evaluates them all on one model)."""
+    found = manifest.read(out)
+    if found is None:
+        return {}
+    if not found.get("imported"):
+        raise InputError(f"{out} holds a {found.get('stage', 'stage')} output; import elsewhere")
+    others = sorted(
+        {str(cfg.get("model_preset")) for cfg in found.get("saes", {}).values()} - {model_preset}
+    )
+    if others:
+        raise InputError(
+            f"{out} holds SAEs of the model at {others[0]}, not {model_preset}; import elsewhere"
+        )
+    return found

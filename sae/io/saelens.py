@@ -196,6 +196,12 @@ def load(directory_uri: str) -> tuple[SparseAutoencoder, dict[str, np.ndarray], 
     params = load_safetensors(storage.read_bytes(weights_uri))
     architecture = "jumprelu" if cfg["architecture"] == "jumprelu" else "standard"
     check_weights(params, int(cfg["d_in"]), int(cfg["d_sae"]), architecture, weights_uri)
+    return _inference(params, cfg)
+
+
+def _inference(
+    params: dict[str, np.ndarray], cfg: dict[str, Any]
+) -> tuple[SparseAutoencoder, dict[str, np.ndarray], dict[str, Any]]:
     params, cfg = to_inference_form(params, cfg)
     return from_export_config(cfg), params, cfg
 
@@ -259,6 +265,11 @@ class Sae:
         """An SAE directory (cfg.json + sae_weights.safetensors), local or gs://."""
         return cls(*load(uri))
 
+    @classmethod
+    def from_saved(cls, weights: dict[str, np.ndarray], cfg: dict[str, Any]) -> Sae:
+        """The SAE that `save(uri, weights, cfg)` writes, without the round trip."""
+        return cls(*_inference(weights, cfg))
+
     def save(self, uri: str) -> list[str]:
         """Writes cfg.json and sae_weights.safetensors under `uri`; returns their URIs."""
         return save(uri, {k: np.asarray(v) for k, v in self.weights.items()}, self.cfg)
@@ -300,4 +311,3 @@ class Sae:
 
 def _rows(x: Any) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
-

@@ -27,8 +27,9 @@ from jax.sharding import Mesh
 from sae import sharding
 from sae.arch import token_norm
 from sae.arch.base import LossContext, Params, SparseAutoencoder
-from sae.train.optimizer import OptimizerSettings, learning_rate_schedule, make_optimizer
-from sae.train.resampling import resample_dead
+from sae.config import TrainConfig
+from sae.training.optimizer import learning_rate_schedule, make_optimizer
+from sae.training.resampling import resample_dead
 
 # A latent active on more than this fraction of tokens counts as dense.
 DENSE_THRESHOLD = 0.1
@@ -51,16 +52,21 @@ class TrainState:
 
 @dataclass(frozen=True)
 class Member:
-    """One SAE of the run and how it trains."""
+    """One SAE of the run and how it trains: its own settings are `sae.spec` (learning rate,
+    resampling), the run's are `train` (schedule, Adam, sparsity warm-up)."""
 
     sae: SparseAutoencoder
-    optimizer: OptimizerSettings
+    train: TrainConfig
     # Which columns of a batch row are this SAE's input (its layer's slice).
     columns: tuple[int, int] = (0, -1)
-    # Linear ramp of the sparsity penalty from 0 over these steps (ReLU's L1, JumpReLU's L0).
-    sparsity_warmup_steps: int = 0
-    # Resample dead latents every N steps (ReLU only); 0 turns it off.
-    resample_every: int = 0
+
+    @property
+    def optimizer(self) -> optax.GradientTransformation:
+        return make_optimizer(self.sae.spec.learning_rate, self.train)
+
+    @property
+    def schedule(self) -> optax.Schedule:
+        return learning_rate_schedule(self.sae.spec.learning_rate, self.train)
 
     def input_of(self, batch: Any) -> Any:
         """This SAE's columns of a batch, standardised per token if it trains so (before
@@ -100,7 +106,7 @@ def _leaf_spec(path: tuple, leaf: Any, specs: dict[str, tuple]) -> tuple:
     return ()
 
 
-class Trainer:
+class StepTrainer:
     """Sharded states and the jitted step for the SAEs of one run, on one mesh."""
 
     def __init__(
@@ -112,8 +118,8 @@ class Trainer:
         self.members, self.mesh = members, mesh
         # A float: token counts past int32 are ordinary over a long run.
         self.dead_window_tokens = float(dead_window_tokens)
-        self.optimizers = {name: make_optimizer(m.optimizer) for name, m in members.items()}
-        self.schedules = {name: learning_rate_schedule(m.optimizer) for name, m in members.items()}
+        self.optimizers = {name: m.optimizer for name, m in members.items()}
+        self.schedules = {name: m.schedule for name, m in members.items()}
         self.batch_sharding = sharding.batch_sharding(mesh)
         # Emulated CPU devices share one small thread pool: with several sharded steps in
         # flight, their collectives can wait on each other forever. Run them one at a time.
@@ -232,7 +238,8 @@ class Trainer:
     def _member_step(self, name: str, state: TrainState, x: jax.Array):
         member, sae = self.members[name], self.members[name].sae
         tokens = x.shape[0]
-        warmup = max(member.sparsity_warmup_steps, 1)
+        # Linear ramp of the sparsity penalty (ReLU's L1, JumpReLU's L0) from 0.
+        warmup = max(member.train.sparsity_warmup_steps, 1)
         ctx = LossContext(
             sparsity_scale=jnp.minimum((state.step + 1) / warmup, 1.0).astype(jnp.float32),
             dead=state.tokens_since_fired >= self.dead_window_tokens,
@@ -257,8 +264,8 @@ class Trainer:
         fire_rate = state.fire_rate + rate_weight * (counts / tokens - state.fire_rate)
         dead = tokens_since_fired >= self.dead_window_tokens
         key, resample_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-        if member.resample_every:
-            due = ((state.step + 1) % member.resample_every == 0) & jnp.any(dead)
+        if sae.spec.resample_every:
+            due = ((state.step + 1) % sae.spec.resample_every == 0) & jnp.any(dead)
             params, opt_state = jax.lax.cond(
                 due,
                 lambda p, o: resample_dead(resample_key, p, o, dead, x, out["reconstruction"]),
@@ -335,7 +342,7 @@ class LoopHooks:
 
 
 def run_loop(
-    trainer: Trainer,
+    trainer: StepTrainer,
     states: dict[str, TrainState],
     batches: Iterator[np.ndarray],
     steps: int,
@@ -360,9 +367,11 @@ def run_loop(
             values["tokens_per_second"] = window_tokens / max(now - window_start, 1e-9)
             window_start, window_tokens = now, 0
             hooks.on_metrics(step, values)
-        if step % checkpoint_every == 0 or step == steps:
+        saved = step % checkpoint_every == 0 or step == steps
+        if saved:
             hooks.on_checkpoint(step, states)
         if hooks.should_stop():
-            hooks.on_checkpoint(step, states)
+            if not saved:  # a stop at a checkpoint step has its checkpoint already
+                hooks.on_checkpoint(step, states)
             break
     return states

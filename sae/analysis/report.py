@@ -1,0 +1,251 @@
+"""The report stage: held-out evaluation, feature dashboards, features JSON, steering vectors."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import sentencepiece as spm
+from jax.sharding import Mesh
+
+from sae import sharding
+from sae.analysis import (
+    evaluation,
+    feature_report,
+    features,
+    logit_effects,
+    plots,
+    report_html,
+    steering,
+)
+from sae.config import PipelineConfig
+from sae.data.token_shards import iter_sequences
+from sae.errors import InputError
+from sae.io import manifest, presets, saelens, storage
+from sae.io.stages import StageOutput, run_stage
+from sae.model import lm, spliced
+from sae.progress import Progress, log
+
+# Tokens listed per feature as raised and as lowered most by its decoder direction.
+LOGIT_EFFECTS_TOP = 10
+
+
+def report(config: PipelineConfig, force: bool = False) -> bool:
+    """Evaluate every trained SAE on the held-out split and write `<workdir>/report`; returns
+    whether the stage ran (False when its manifest already matches the config and inputs)."""
+    cfg = config.report
+    tokens_manifest = manifest.require(config.tokens_uri, "tokenize")
+    manifest.require(config.sae_uri, "train")
+    if config.train.source == "npy":
+        raise InputError(
+            "report evaluates on the tokenized held-out split through the language model; "
+            "it needs train.source=stream or store, not npy"
+        )
+    eval_shards = tokens_manifest["shards"]["eval"]
+    if not eval_shards:
+        raise InputError(
+            f"no held-out split in {config.tokens_uri}: set "
+            "tokenize.eval_fraction above 0 and re-run tokenize"
+        )
+    inputs = {
+        "tokens": manifest.fingerprint(config.tokens_uri),
+        "sae": manifest.fingerprint(config.sae_uri),
+    }
+
+    def body() -> StageOutput:
+        return _report(config, tokens_manifest, eval_shards)
+
+    return run_stage("report", config.report_uri, dataclasses.asdict(cfg), inputs, body, force)
+
+
+def planned_tokens(eval_tokens: int, tokens_manifest: dict) -> int:
+    """The tokens the evaluation will see: report.eval_tokens, or fewer when the held-out
+    split (as the tokenize manifest counts it) has fewer."""
+    available = tokens_manifest.get("counts", {}).get("eval_tokens")
+    return eval_tokens if available is None else min(eval_tokens, int(available))
+
+
+def _load_saes(config: PipelineConfig, train_manifest: dict) -> tuple[dict[str, tuple], str]:
+    """Every SAE the train stage exported and the one model they read, checked against it."""
+    names = list(train_manifest.get("saes", {}))
+    if not names:
+        raise InputError(f"the train manifest at {config.sae_uri} lists no SAEs")
+    loaded = {name: saelens.load(storage.join(config.sae_uri, name)) for name in names}
+    models = {sae_cfg["model_preset"] for _, _, sae_cfg in loaded.values()}
+    if len(models) > 1:
+        raise InputError(f"the SAEs of {config.sae_uri} were trained on different models")
+    preset = models.pop()
+    presets.check_layers(preset, [sae_cfg["layer"] for _, _, sae_cfg in loaded.values()])
+    hidden = int(presets.backbone_config(preset)["hidden_dim"])
+    for name, (sae, _, sae_cfg) in loaded.items():
+        saelens.check_model_dim(sae_cfg, hidden, name, preset)
+        out_of_range = [i for i in config.report.steering_features if i >= sae.d_sae]
+        if out_of_range:
+            raise InputError(
+                f"report.steering_features: feature {out_of_range[0]} is out of range "
+                f"(the SAE {name} has {sae.d_sae} features)"
+            )
+    return loaded, preset
+
+
+def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str]) -> StageOutput:
+    cfg, output = config.report, config.report_uri
+    saes, preset = _load_saes(config, manifest.require(config.sae_uri, "train"))
+    layers = sorted({sae_cfg["layer"] for _, _, sae_cfg in saes.values()})
+    mesh = sharding.make_mesh(config.train.mesh_data, 1)
+    backbone = lm.load_backbone(preset, config.model.dtype)
+    if cfg.spliced_sequences:
+        # Before the long evaluation, not after it.
+        lm.check_gemma(backbone, "; set report.spliced_sequences=0 to skip the spliced metrics")
+    tap = lm.ActivationTap(backbone, layers, mesh)
+    bos_id = tokens_manifest["tokenizer"]["bos_id"]
+    models = [
+        evaluation.EvalModel(sae, params, layers.index(sae_cfg["layer"]))
+        for sae, params, sae_cfg in saes.values()
+    ]
+    progress = Progress("report", planned_tokens(cfg.eval_tokens, tokens_manifest))
+    results = evaluation.evaluate(
+        models,
+        iter_sequences(eval_shards),
+        tap,
+        config.train.lm_batch_size,
+        bos_id,
+        cfg.eval_tokens,
+        cfg.top_contexts,
+        progress,
+    )
+    # Evaluation stops short of the plan only when the split runs out (its count includes
+    # the BOS positions, which are not evaluated): then all of it was done.
+    progress.total = min(progress.total, progress.done)
+    progress.close()
+    del tap  # its device copy of the weights; the spliced pass makes its own
+    if cfg.spliced_sequences:
+        _add_spliced_metrics(config, backbone, saes, results, eval_shards, bos_id, mesh)
+    processor = spm.SentencePieceProcessor(model_proto=presets.tokenizer_proto(preset))
+    w_u = logit_effects.unembedding(backbone)
+    training_log = plots.read_training_log(storage.join(config.sae_uri, "metrics.jsonl"))
+    files: list[str] = []
+    overview: list[dict] = []
+    all_metrics: dict[str, dict] = {}
+    for (name, (sae, params, sae_cfg)), result in zip(saes.items(), results, strict=True):
+        log(
+            "report",
+            f"{name} held-out: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)),
+        )
+        files += _report_one(
+            config, name, sae, params, sae_cfg, result, processor, w_u, training_log
+        )
+        all_metrics[name] = result.metrics
+        overview.append(
+            {
+                "name": name,
+                "architecture": sae_cfg.get("trained_as", sae_cfg["architecture"]),
+                "layer": sae_cfg["layer"],
+                **result.metrics,
+            }
+        )
+    summary_files = {
+        "metrics": storage.join(output, "metrics.json"),
+        "html": storage.join(output, "index.html"),
+    }
+    storage.write_json(
+        summary_files["metrics"],
+        {"split": "eval (held out by tokenize; never trained on)", "saes": all_metrics},
+    )
+    storage.write_text(summary_files["html"], report_html.render_overview("SAE run", overview))
+    counts = {f"{name}/{k}": v for name, m in all_metrics.items() for k, v in m.items()}
+    return StageOutput(counts, files + list(summary_files.values()))
+
+
+def _add_spliced_metrics(
+    config: PipelineConfig,
+    backbone: Any,
+    saes: dict[str, tuple],
+    results: list[evaluation.EvalResult],
+    eval_shards: list[str],
+    bos_id: int,
+    mesh: Mesh,
+) -> None:
+    """CE loss recovered, delta LM loss and KL of every SAE, one model pass per layer for all
+    the SAEs reading it, on the first `report.spliced_sequences` held-out sequences."""
+    by_layer: dict[int, list[int]] = {}
+    for i, (_, _, sae_cfg) in enumerate(saes.values()):
+        by_layer.setdefault(sae_cfg["layer"], []).append(i)
+    entries = list(saes.values())
+    count = config.report.spliced_sequences
+    for layer, indices in sorted(by_layer.items()):
+        models = [spliced.sae_model(entries[i][0], entries[i][1]) for i in indices]
+        loss = spliced.SplicedLoss(backbone, layer, models, mesh, bos_id)
+        progress = Progress(f"report spliced L{layer}", count, unit="seq")
+        sums = spliced.evaluate_spliced(
+            loss, iter_sequences(eval_shards), config.train.lm_batch_size, count, progress
+        )
+        progress.close()
+        for position, i in enumerate(indices):
+            results[i].metrics.update(sums.metrics(position))
+
+
+def _report_one(
+    config: PipelineConfig,
+    name: str,
+    sae,
+    params: dict,
+    sae_cfg: dict,
+    result: evaluation.EvalResult,
+    processor: spm.SentencePieceProcessor,
+    w_u: np.ndarray,
+    training_log: list[dict],
+) -> list[str]:
+    """metrics.json, the feature report (features.json, dashboard, plots: see
+    sae.analysis.feature_report) and steering vectors of one SAE."""
+    cfg = config.report
+    output = storage.join(config.report_uri, name)
+    preset = sae_cfg["model_preset"]
+    metrics = {"split": "eval (held out by tokenize; never trained on)", **result.metrics}
+    shown = features.most_active(result, cfg.max_features)
+    effects = logit_effects.top_logit_effects(params["W_dec"], w_u, shown, LOGIT_EFFECTS_TOP)
+    summaries = features.feature_summaries(result, processor, cfg.context_window, shown, effects)
+    sae_dir = storage.join(config.sae_uri, name)
+    run_info = {
+        "model": preset,
+        "layer": sae_cfg["hook_name"],
+        "sae": sae_dir,
+        "architecture": sae_cfg.get("trained_as", sae_cfg["architecture"]),
+        "d_in": sae_cfg["d_in"],
+        "d_sae": sae_cfg["d_sae"],
+        "training_tokens": sae_cfg["training_tokens"],
+    }
+    chosen = cfg.steering_features or features.most_active(
+        result, cfg.num_steering, exclude_dense=True
+    )
+    vectors, strengths = steering.steering_vectors(params["W_dec"], result, chosen)
+    metadata = {
+        "model_preset": preset,
+        "layer": sae_cfg["layer"],
+        "hook_name": sae_cfg["hook_name"],
+        "sae": sae_dir,
+    }
+    files = {
+        "metrics": storage.join(output, "metrics.json"),
+        "steering": storage.join(output, "steering", "vectors.safetensors"),
+        "steering_index": storage.join(output, "steering", "vectors.json"),
+    }
+    storage.write_json(files["metrics"], metrics)
+    title = f"SAE report: {name} ({sae_cfg['hook_name']})"
+    written = feature_report.write(
+        output, name, title, metrics, run_info, result, summaries, training_log
+    )
+    steering.save(files["steering"], vectors, strengths, chosen, metadata)
+    storage.write_json(
+        files["steering_index"],
+        {
+            **metadata,
+            "vectors": [
+                {"feature": f, "suggested_strength": float(s)}
+                for f, s in zip(chosen, strengths, strict=True)
+            ],
+        },
+    )
+    return list(files.values()) + written

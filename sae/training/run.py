@@ -1,0 +1,421 @@
+"""The training run (the train stage, `sae.train`): activation rows (streamed from the
+language model, or read from a store or .npy files) into one or several SAEs on the mesh.
+
+Checkpoints every `train.checkpoint_every` steps. A re-run resumes from the latest one: the
+streaming source replays its seeded stream to the checkpoint's position, the .npy source
+computes it directly, so a resumed run sees exactly the batches a straight run would. SIGTERM
+(a spot TPU's preemption notice) saves a checkpoint and exits with code 75 so a supervisor
+knows to retry.
+
+`train.init_from` warm-starts a fresh run from another run's final checkpoint (weights,
+buffers and input scale of the same SAEs); the optimizer and the learning-rate schedule start
+afresh. Scheduled retraining (jobs/cloud/retrain.py) uses it to continue from the latest good run.
+
+Several hosts (jax.distributed) train one set of SAEs on global batches that each host
+contributes its devices' rows to. From a store (or .npy files) every host reads the same seeded
+stream and keeps its rows of each batch, so the batches are exactly one host's. Streaming, host
+p runs the model over train shards p::n (train.lm_batch_size sequences per host and forward)
+into its own shuffle buffer, epochs repeating as on one host; the hosts agree on the forwards
+before each step (activations.LockstepBatches) and on when to stop after a SIGTERM. All hosts
+save and restore the checkpoints (Orbax coordinates them); process 0 alone writes the metrics,
+the SAEs and the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from sae import arch, sharding
+from sae.config import PipelineConfig, TrainConfig
+from sae.data import batches
+from sae.errors import ConfigError, InputError, Preempted
+from sae.io import manifest, saelens, storage
+from sae.io.stages import StageOutput, run_stage
+from sae.model import lm
+from sae.progress import Progress, log
+from sae.sharding import HostMax
+from sae.training.checkpoint import Checkpointer
+from sae.training.metrics_log import MetricsLog
+from sae.training.step import (
+    LoopHooks,
+    Member,
+    StepTrainer,
+    TrainState,
+    agreed_stop,
+    run_loop,
+    to_host,
+)
+
+# Keys that change how a run is observed, not what it computes: a checkpoint written under
+# other values of these can still be resumed.
+_OBSERVATIONAL_KEYS = ("log_every", "checkpoint_every")
+
+
+def _check_mesh(cfg: TrainConfig, mesh, d_model: int) -> None:
+    data, model = mesh.devices.shape
+    # With several hosts, each runs the model on lm_batch_size sequences of its own.
+    lm_split = data if jax.process_count() == 1 else len(_host_data_positions(mesh))
+    for key, split in (("batch_size", data), ("lm_batch_size", lm_split)):
+        if getattr(cfg, key) % split:
+            raise ConfigError(
+                f"train.{key}={getattr(cfg, key)} is not divisible by the mesh's "
+                f"data axis ({split} devices{' on this host' if split != data else ''})"
+            )
+    for index, sae_cfg in enumerate(cfg.saes):
+        sae_cfg.check_against_model(f"train.saes[{index}]", d_model, model)
+    if jax.process_count() > 1:
+        _check_hosts(cfg, mesh)
+
+
+def _host_data_positions(mesh) -> set[int]:
+    local = set(mesh.local_devices)
+    return {row for row, devices in enumerate(mesh.devices) if local & set(devices)}
+
+
+def _check_hosts(cfg: TrainConfig, mesh) -> None:
+    """Every host feeds the mesh its share of each batch: so each needs equally many of its
+    devices on it; streaming, each host's rows are its own, so no position of the data axis
+    may span two hosts (the model axis must stay within a host)."""
+    processes = jax.process_count()
+    if len(mesh.local_devices) * processes != mesh.devices.size:
+        raise ConfigError(
+            f"train mesh {mesh.devices.shape[0]}x{mesh.devices.shape[1]} does not take the same "
+            f"number of devices from each of the {processes} hosts: use mesh_data=-1"
+        )
+    if cfg.source == "stream":
+        for row in mesh.devices:
+            if len({device.process_index for device in row}) > 1:
+                raise ConfigError(
+                    f"train.mesh_model={cfg.mesh_model} spans hosts; streaming needs the model "
+                    "axis within one host (or train from an activation store)"
+                )
+
+
+def _resume_key(cfg: TrainConfig, inputs: dict[str, str]) -> str:
+    semantic = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _OBSERVATIONAL_KEYS}
+    return manifest.digest({"config": semantic, "inputs": inputs})
+
+
+def _resume_step(checkpoints: Checkpointer, resume_key: str) -> int | None:
+    """The step of an unfinished run to resume, None to start fresh; refuses a checkpoint
+    that another config or input wrote (resuming it would silently mix two runs)."""
+    step = checkpoints.latest_step()
+    if step is None:
+        return None
+    record = checkpoints.read_record(step)
+    if record.get("resume_key") != resume_key:
+        raise InputError(
+            f"the checkpoint at {checkpoints.directory_uri} (step {step}) was "
+            "written by another config or input; delete it or use another workdir"
+        )
+    return step
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStart:
+    """train.init_from, checked: a finished train output and the step of its last checkpoint."""
+
+    uri: str
+    step: int
+
+
+def warm_start_source(config: PipelineConfig, d_model: int) -> WarmStart | None:
+    """train.init_from checked before any work: a finished train output whose SAEs are the
+    ones this run trains (names, architectures, layers, widths, d_model)."""
+    cfg, uri = config.train, config.train.init_from
+    if not uri:
+        return None
+    if uri.rstrip("/") == config.sae_uri.rstrip("/"):
+        raise ConfigError(
+            f"train.init_from names this run's own output ({uri}); name an earlier run's"
+        )
+    found = manifest.read(uri)
+    if found is None or found.get("stage") != "train":
+        raise InputError(f"train.init_from: no finished train output at {uri}")
+    saved = found.get("saes", {})
+    for sae_cfg in cfg.saes:
+        name = sae_cfg.display_name()
+        ours = {
+            "trained_as": sae_cfg.architecture,
+            "layer": sae_cfg.layer,
+            "d_in": d_model,
+            "d_sae": d_model * sae_cfg.expansion_factor,
+        }
+        theirs = saved.get(name)
+        if theirs is None:
+            problem = f"it has no SAE {name}"
+        else:
+            differences = [
+                f"{k} {theirs.get(k)} there, {v} here"
+                for k, v in ours.items()
+                if theirs.get(k) != v
+            ]
+            problem = f"{name} has {', '.join(differences)}" if differences else ""
+        if problem:
+            raise InputError(f"train.init_from {uri}: checkpoint from another config ({problem})")
+    checkpoints = Checkpointer(storage.join(uri, "checkpoints"), read_only=True)
+    try:
+        step = checkpoints.latest_step()
+    finally:
+        checkpoints.close()
+    final = found.get("counts", {}).get("steps")
+    if step is None or step != final:
+        raise InputError(
+            f"train.init_from {uri}: its last checkpoint (step {step}) is not its final step "
+            f"({final})"
+        )
+    return WarmStart(uri, step)
+
+
+def _warm_started(
+    trainer: StepTrainer, states: dict[str, TrainState], warm: WarmStart
+) -> dict[str, TrainState]:
+    """Fresh states with the weights, buffers and input scale of `warm`'s final checkpoint.
+    A fresh Adam state is zeros whatever the weights, so it needs no restoring."""
+    subset = {
+        name: {"params": a.params, "buffers": a.buffers, "input_scale": a.input_scale}
+        for name, a in trainer.abstract_state().items()
+    }
+    checkpoints = Checkpointer(storage.join(warm.uri, "checkpoints"), read_only=True)
+    try:
+        restored = checkpoints.restore_subset(warm.step, subset)
+    finally:
+        checkpoints.close()
+    return {name: state.replace(**restored[name]) for name, state in states.items()}
+
+
+def train(config: PipelineConfig, force: bool = False) -> bool:
+    cfg = config.train
+    source = batches.open_source(config)
+    mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
+    _check_mesh(cfg, mesh, source.d_model)
+    warm = warm_start_source(config, source.d_model)
+    if warm is not None:
+        # The starting weights are an input: a changed init source re-runs the stage.
+        source.inputs["init"] = manifest.fingerprint(warm.uri)
+
+    def body() -> StageOutput:
+        return _train(config, source, mesh, warm)
+
+    primary = jax.process_index() == 0
+    section = dataclasses.asdict(cfg)
+    return run_stage(
+        "train", config.sae_uri, section, source.inputs, body, force, writes_manifest=primary
+    )
+
+
+def build_members(cfg: TrainConfig, d_model: int, by_layer: bool) -> dict[str, Member]:
+    """The run's SAEs; with `by_layer`, each reads its layer's slice of a multi-layer row."""
+    members = {}
+    for sae_cfg in cfg.saes:
+        column = cfg.layers.index(sae_cfg.layer) if by_layer else 0
+        members[sae_cfg.display_name()] = Member(
+            sae=arch.build(
+                sae_cfg,
+                d_model,
+                decoder_bias_init=cfg.decoder_bias_init,
+                matmul_dtype=cfg.matmul_dtype,
+            ),
+            train=cfg,
+            columns=(column * d_model, (column + 1) * d_model),
+        )
+    return members
+
+
+def _global_batches(
+    config: PipelineConfig, source: batches.batches.Source, trainer: StepTrainer, start_step: int
+) -> Iterator[np.ndarray | jax.Array]:
+    """The batches from `start_step` on: numpy on one host, global arrays on several."""
+    cfg = config.train
+    tap = None
+    if source.streams:
+        backbone = lm.load_backbone(config.preset_uri, config.model.dtype)
+        tap = lm.ActivationTap(backbone, cfg.layers, trainer.mesh)
+    if jax.process_count() == 1:
+        return batches.batches(config, source, start_step, None, tap)
+    host_rows = trainer.host_rows(cfg.batch_size)
+    local = batches.batches(config, source, start_step, host_rows, tap)
+    return (trainer.put_batch(rows, cfg.batch_size) for rows in local)
+
+
+def _train(
+    config: PipelineConfig, source: batches.Source, mesh, warm: WarmStart | None
+) -> StageOutput:
+    cfg, output = config.train, config.sae_uri
+    resume_key = _resume_key(cfg, source.inputs)
+    _clear_finished(output)
+    checkpoints = Checkpointer(storage.join(output, "checkpoints"))
+    start_step = _resume_step(checkpoints, resume_key)
+    members = build_members(cfg, source.d_model, by_layer=source.npy is None)
+    trainer = StepTrainer(members, mesh, cfg.dead_window_tokens)
+    rows = _global_batches(config, source, trainer, start_step or 0)
+
+    if start_step is None:
+        first = next(rows)
+        # Initialised from the whole first batch (every host the same), as on one host.
+        states = trainer.init_state(cfg.seed, to_host(first))
+        rows = itertools.chain([first], rows)
+        summary = ", ".join(f"{n} ({m.sae.d_model}->{m.sae.d_sae})" for n, m in members.items())
+        log("train", f"fresh run on mesh {dict(mesh.shape)}: {summary}")
+        if warm is not None:
+            states = _warm_started(trainer, states, warm)
+            log(
+                "train",
+                f"warm start from {warm.uri} (step {warm.step}): weights and input scale "
+                "restored; optimizer state, learning-rate schedule and dead-latent counts "
+                "start afresh",
+            )
+    else:
+        states, _ = checkpoints.restore(start_step, trainer.abstract_state())
+        log("train", f"resumed from the checkpoint at step {start_step}")
+
+    progress = Progress("train", cfg.steps * cfg.batch_size)
+    progress.done = (start_step or 0) * cfg.batch_size
+    metrics_log = MetricsLog(output) if jax.process_index() == 0 else _NoMetricsLog()
+    last_metrics: dict[str, float] = {}
+    stop_requested = {"flag": False}
+    headline = next(iter(members))
+
+    def on_metrics(step: int, metrics: dict[str, float]) -> None:
+        last_metrics.update(metrics)
+        metrics_log.write(step, metrics)
+        progress.update(
+            0,
+            step=step,
+            loss=metrics[f"{headline}/loss"],
+            l0=metrics[f"{headline}/l0"],
+            fve=metrics[f"{headline}/fve"],
+            dead=metrics[f"{headline}/dead_fraction"],
+        )
+
+    def on_checkpoint(step: int, states: dict[str, TrainState]) -> None:
+        record = {"step": step, "resume_key": resume_key, "tokens_seen": step * cfg.batch_size}
+        checkpoints.save(step, states, record)
+        metrics_log.flush()
+        log("train", f"checkpoint saved at step {step}")
+
+    def counting(stream):
+        for batch in stream:
+            progress.update(len(batch))
+            yield batch
+
+    previous_handler = signal.signal(
+        signal.SIGTERM, lambda *_: stop_requested.__setitem__("flag", True)
+    )
+
+    def should_stop() -> bool:
+        return stop_requested["flag"]
+
+    if jax.process_count() > 1:
+        should_stop = agreed_stop(should_stop, HostMax(mesh))
+    try:
+        hooks = LoopHooks(on_metrics, on_checkpoint, should_stop)
+        states = run_loop(
+            trainer,
+            states,
+            counting(rows),
+            cfg.steps,
+            cfg.log_every,
+            cfg.checkpoint_every,
+            hooks,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        checkpoints.close()
+        metrics_log.close()
+    final_step = int(next(iter(states.values())).step)
+    if final_step < cfg.steps:
+        raise Preempted(f"stopped at step {final_step} on SIGTERM; checkpoint saved")
+    progress.close(loss=last_metrics.get(f"{headline}/loss", float("nan")))
+    result = _export(config, source, members, states, last_metrics)
+    if warm is not None:
+        result.extra["init_from"] = {"uri": warm.uri, "step": warm.step}
+    return result
+
+
+class _NoMetricsLog:
+    """The metrics of a host other than process 0: process 0 writes them (they are the same)."""
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _clear_finished(output: str) -> None:
+    """A finished run under another config or input: this is a re-run, start over. With
+    several hosts, process 0 deletes once all have looked."""
+    finished = manifest.read(output) is not None
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("train: output read")
+    if finished and jax.process_index() == 0:
+        storage.delete_tree(output)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("train: output cleared")
+
+
+def exported(member: Member, state: TrainState, provenance: saelens.Provenance, **extra: Any):
+    """(weights, cfg.json) of one trained SAE in raw activation units (input scale folded in),
+    as saved in SAELens' format; `extra` adds keys to cfg.json. Every host must call it."""
+    sae = member.sae
+    weights = to_host(sae.export_weights({**state.params, **state.buffers}))
+    scale = float(state.input_scale)
+    cfg = saelens.build_config(
+        sae.export_config(),
+        sae.d_model,
+        sae.d_sae,
+        provenance,
+        normalize_activations="layer_norm" if sae.normalize_tokens else "none",
+        input_scale_folded=scale,
+        training_config=dataclasses.asdict(sae.spec),
+        **extra,
+    )
+    return saelens.fold_input_scale(weights, scale), cfg
+
+
+def _export(
+    config: PipelineConfig,
+    source: batches.Source,
+    members: dict[str, Member],
+    states: dict[str, TrainState],
+    last_metrics: dict[str, float],
+) -> StageOutput:
+    """Each SAE under sae/<name>/."""
+    cfg, output = config.train, config.sae_uri
+    outputs, saved = [], {}
+    # .npy rows come with neither a model nor a text corpus to name.
+    from_text = source.npy is None
+    model_name = saelens.model_name(config.preset_uri) if from_text else None
+    for sae_cfg in cfg.saes:
+        name = sae_cfg.display_name()
+        provenance = saelens.Provenance(
+            layer=sae_cfg.layer,
+            model_preset=config.preset_uri,
+            model_name=model_name,
+            context_size=(source.tokens_manifest or {}).get("sequence_length"),
+            dataset_path=config.corpus_uri if from_text else None,
+            training_tokens=cfg.steps * cfg.batch_size,
+        )
+        weights, saved[name] = exported(
+            members[name], states[name], provenance, name=name, activation_source=cfg.source
+        )
+        if jax.process_index() == 0:  # every host has the weights; one writes them
+            outputs += saelens.save(storage.join(output, name), weights, saved[name])
+    counts = {
+        "steps": cfg.steps,
+        "tokens": cfg.steps * cfg.batch_size,
+        **{f"final_{k}": v for k, v in last_metrics.items()},
+    }
+    return StageOutput(counts, outputs, {"saes": saved})

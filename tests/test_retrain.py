@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from jobs import train as train_job
 from jobs.cli import main
 from jobs.cloud import retrain
 from sae import sharding
@@ -20,7 +21,7 @@ from sae.config import load
 from sae.demo.corpus import write_demo_corpus
 from sae.errors import PREEMPTED_EXIT_CODE, Preempted
 from sae.io import manifest, saelens, storage
-from sae.training import run as train
+from sae.training import run as training_run
 from sae.training.step import StepTrainer, to_host
 
 from .conftest import SMALL, SMALL_SAES
@@ -90,7 +91,7 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> dict:
         raise Preempted("stopped at step 20 on SIGTERM; checkpoint saved")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "run", preempted)
+        patch.setattr(train_job, "run", preempted)
         code, printed["run2 preempted"] = _retrain(base, corpus)
     assert code == PREEMPTED_EXIT_CODE, printed["run2 preempted"]
     (run2,) = set(_runs(base)) - {run1}
@@ -140,11 +141,11 @@ def test_warm_start_begins_at_the_previous_final_weights(history):
     """The states a warm start trains from, in exported form, are run 1's exported SAEs."""
     base, (run1, _, _) = history["base"], history["runs"]
     config = load(None, [f"workdir={base / 'runs' / run1}", *SMALL, *FAST])
-    members = train.build_members(config.train, 64, by_layer=True)
+    members = training_run.build_members(config.train, 64, by_layer=True)
     trainer = StepTrainer(members, sharding.make_mesh(-1, 1), config.train.dead_window_tokens)
     sample = np.random.default_rng(0).normal(size=(256, 64)).astype(np.float32)
     fresh = trainer.init_state(1, sample)
-    warm = train._warm_started(trainer, fresh, train.WarmStart(config.sae_uri, 40))
+    warm = training_run._warm_started(trainer, fresh, training_run.WarmStart(config.sae_uri, 40))
     for name in SMALL_SAES:
         member, state = members[name], warm[name]
         weights = to_host(member.sae.export_weights({**state.params, **state.buffers}))
@@ -310,12 +311,12 @@ def test_warm_start_from_gcs(history, gcs_bucket_uri):
     storage.upload_tree(str(local_sae), remote_sae)
     config = load(None, [f"workdir={base / 'runs' / run1}", *SMALL, *FAST])
     config.train.init_from = remote_sae
-    warm = train.warm_start_source(config, 64)
-    assert warm == train.WarmStart(remote_sae, 40)
-    members = train.build_members(config.train, 64, by_layer=True)
+    warm = training_run.warm_start_source(config, 64)
+    assert warm == training_run.WarmStart(remote_sae, 40)
+    members = training_run.build_members(config.train, 64, by_layer=True)
     trainer = StepTrainer(members, sharding.make_mesh(-1, 1), config.train.dead_window_tokens)
     fresh = trainer.init_state(1, np.ones((256, 64), np.float32))
-    started = train._warm_started(trainer, fresh, warm)
+    started = training_run._warm_started(trainer, fresh, warm)
     for name in SMALL_SAES:
         final = load_file(local_sae / name / saelens.WEIGHTS_NAME)
         folded = saelens.fold_input_scale(

@@ -246,3 +246,20 @@ def test_bad_input_through_the_console_command(run):
         f"{run['sae'].d_sae} features (0..{run['sae'].d_sae - 1})"
     ]
     assert _files(run["sae_dir"].parent.parent) == before
+
+
+def test_steer_takes_an_sae_object_and_defaults_to_its_model_and_layer(run, generator):
+    from sae.analysis.steer import steer
+    from sae.errors import InputError
+    from sae.io.saelens import Sae
+
+    sae = Sae.load(str(run["sae_dir"]))
+    feature = int(run["vectors"]["features"][0])
+    generations = steer(sae, feature, PROMPT, [40.0, 0.0, -8.0], max_new_tokens=8)
+    direction = steering.unit_directions(run["params"]["W_dec"], [feature])[0][0]
+    expected = generator.generate(PROMPT, direction, [0.0, 40.0, -8.0], 1, 8)
+    assert [(g.strength, g.new_ids) for g in generations] == [
+        (g.strength, g.new_ids) for g in expected
+    ]
+    with pytest.raises(InputError, match=rf"^--feature {sae.d_sae} is out of range: the SAE has"):
+        steer(sae, sae.d_sae, PROMPT, [1.0])

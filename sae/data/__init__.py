@@ -1,2 +1,2 @@
-"""Data: corpus readers, Beam tokenize, token shards, the activation stream, the activation store,
-.npy activation files, and `batches()`, the one way every source reaches training."""
+"""Data: corpus readers, the tokenize stage (Beam), token shards, the activation stream, the
+activation store, .npy activation files, and `batches()` that every training source goes through."""

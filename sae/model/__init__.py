@@ -1,2 +1,2 @@
-"""The language model: a keras-hub Gemma tapped at residual-stream layers, run block by block with
-an SAE spliced in, and generation with a steering vector."""
+"""The language model: a keras-hub Gemma tapped at residual-stream layers, the extract stage that
+stores those activations, the forward pass with an SAE spliced in, and steered generation."""

@@ -1,11 +1,14 @@
 """sae.io.storage on local paths and on a real GCS emulator process."""
 
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -332,10 +335,76 @@ def test_unreachable_endpoint_fails_fast(monkeypatch: pytest.MonkeyPatch) -> Non
         _assert_one_line(err, f"cannot reach storage at {url} for gs://b/x: connection refused")
 
 
+class _ScriptedGcs(http.server.BaseHTTPRequestHandler):
+    """Answers each GET with the next (status, body) of ``script`` (the last one repeats)."""
+
+    script: list[tuple[int, bytes]] = []
+    calls = 0
+
+    def do_GET(self) -> None:
+        status, body = self.script[min(type(self).calls, len(self.script) - 1)]
+        type(self).calls += 1
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def scripted_gcs(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[_ScriptedGcs]]:
+    """A fake GCS endpoint for what the emulator never does: fail with 503 or 403."""
+    handler = type("Handler", (_ScriptedGcs,), {"script": [], "calls": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
+    yield handler
+    server.shutdown()
+    server.server_close()
+
+
+def test_transient_errors_are_retried(scripted_gcs: type[_ScriptedGcs]) -> None:
+    scripted_gcs.script = [(503, b"busy"), (503, b"busy"), (200, b"content")]
+    assert storage.read_bytes("gs://b/x") == b"content"
+    assert scripted_gcs.calls == 3
+
+
+def test_retries_stop_at_the_deadline(
+    scripted_gcs: type[_ScriptedGcs], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage, "_RETRY_DEADLINE_S", 2.0)
+    scripted_gcs.script = [(503, b"busy")]
+    start = time.monotonic()
+    with pytest.raises(StorageError) as err:
+        storage.read_bytes("gs://b/x")
+    assert time.monotonic() - start < 5
+    assert 2 <= scripted_gcs.calls <= 4  # 0.5s, then 1s apart: never past 2s
+    _assert_one_line(err, "cannot read gs://b/x", "503")
+
+
+def test_forbidden_is_one_line_permission_denied(scripted_gcs: type[_ScriptedGcs]) -> None:
+    error = {"error": {"code": 403, "message": "sa@p.iam does not have storage.objects.get"}}
+    scripted_gcs.script = [(403, json.dumps(error).encode())]
+    with pytest.raises(StorageError) as err:
+        storage.read_bytes("gs://b/x")
+    _assert_one_line(err, "cannot read gs://b/x: permission denied", "storage.objects.get")
+    assert scripted_gcs.calls == 1  # not retried
+
+
+def test_missing_credentials_say_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    with pytest.raises(StorageError) as err:
+        storage.read_bytes("gs://b/x")
+    _assert_one_line(err, "gs://b/x", "no Google Cloud credentials found")
+
+
 @pytest.mark.gcs
 def test_emulator_env_reaches_subprocess(gcs_emulator, gcs_bucket_uri: str) -> None:
     storage.write_text(storage.join(gcs_bucket_uri, "hello.txt"), "from parent")
-    code = "import sys; from sae import storage; print(storage.read_text(sys.argv[1]))"
+    code = "import sys; from sae.io import storage; print(storage.read_text(sys.argv[1]))"
     env = {**os.environ, **gcs_emulator.env}
     out = subprocess.run(
         [sys.executable, "-c", code, storage.join(gcs_bucket_uri, "hello.txt")],

@@ -28,7 +28,10 @@ class DemoConfig:
     num_documents: int = 4000
     num_files: int = 4
     seed: int = 0
-    # Tiny language model (keras-hub GemmaBackbone) trained briefly on the demo corpus.
+    # Tiny language model trained briefly on the demo corpus: gemma is keras-hub's
+    # GemmaBackbone with Gemma 2 settings, gemma3 a text-only Gemma3Backbone (every sixth
+    # layer global, the others sliding-window).
+    model_family: Literal["gemma", "gemma3"] = "gemma"
     vocabulary_size: int = 1024
     num_layers: int = 4
     hidden_dim: int = 128

@@ -115,9 +115,10 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
         cfg.top_contexts,
         progress,
     )
-    # Evaluation stops short of the plan only when the split runs out (its count includes
-    # the BOS positions, which are not evaluated): then all of it was done.
-    progress.total = min(progress.total, progress.done)
+    # Evaluation ends at the end of a model batch, so a little past the plan, or short of it
+    # when the split runs out (its count includes the BOS positions, which are not
+    # evaluated): the last line reports what was done.
+    progress.total = progress.done
     progress.close()
     del tap  # its device copy of the weights; the spliced pass makes its own
     if cfg.spliced_sequences:

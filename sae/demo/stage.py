@@ -18,6 +18,7 @@ def tiny_model_spec(config: PipelineConfig) -> TinyModelSpec:
     cfg = config.demo
     heads = 4
     return TinyModelSpec(
+        family=cfg.model_family,
         vocabulary_size=cfg.vocabulary_size,
         num_layers=cfg.num_layers,
         hidden_dim=cfg.hidden_dim,

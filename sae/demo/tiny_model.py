@@ -1,12 +1,15 @@
-"""A tiny Gemma-2-shaped language model, trained offline on the demo corpus.
+"""A tiny Gemma 2- or Gemma 3-shaped language model, trained offline on the demo corpus.
 
 The build machines have no model hub, so the local pipeline needs a Gemma preset that is
 made here: a SentencePiece tokenizer trained on the corpus, a small GemmaBackbone with
-Gemma 2 settings, and a short next-token training run. A model with random weights would
-give an SAE nothing to find; one that has learned the corpus has structured activations.
+Gemma 2 settings (or a text-only Gemma3Backbone with Gemma 3's: QK norm, no soft-caps,
+sliding-window layers with RoPE base 10k and every sixth layer global with base 1M), and a
+short next-token training run. A model with random weights would give an SAE nothing to
+find; one that has learned the corpus has structured activations.
 
 The result is an ordinary keras-hub preset directory, loadable with
-`keras_hub.models.GemmaCausalLM.from_preset(dir)` like a real Gemma.
+`keras_hub.models.GemmaCausalLM.from_preset(dir)` (Gemma3CausalLM for Gemma 3) like a real
+Gemma.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -36,8 +39,10 @@ ProgressCallback = Callable[[int, int, float], None]  # (step, total_steps, trai
 
 @dataclasses.dataclass(frozen=True)
 class TinyModelSpec:
-    """Shape and training recipe of the tiny model (Gemma 2 settings at toy scale)."""
+    """Shape and training recipe of the tiny model (Gemma 2 or 3 settings at toy scale)."""
 
+    # gemma: keras-hub's GemmaBackbone with Gemma 2 settings; gemma3: Gemma3Backbone.
+    family: Literal["gemma", "gemma3"] = "gemma"
     vocabulary_size: int = 1024
     num_layers: int = 4
     hidden_dim: int = 128
@@ -65,6 +70,30 @@ class TinyModelSpec:
     seed: int = 0
 
     def backbone_kwargs(self, vocabulary_size: int) -> dict[str, Any]:
+        if self.family == "gemma3":
+            # Gemma 3: QK norm instead of soft-caps; the layer pattern is Gemma3Backbone's.
+            return {
+                **self._shape(vocabulary_size),
+                "image_size": None,  # text only: no vision encoder
+                "use_query_key_norm": True,
+                "use_post_ffw_norm": True,
+                "use_post_attention_norm": True,
+                "use_sliding_window_attention": True,
+                "sliding_window_size": self.sliding_window_size,
+                "vision_encoder": None,
+            }
+        return {
+            **self._shape(vocabulary_size),
+            "query_head_dim_normalize": self.query_head_dim_normalize,
+            "use_post_ffw_norm": self.use_post_ffw_norm,
+            "use_post_attention_norm": self.use_post_attention_norm,
+            "attention_logit_soft_cap": self.attention_logit_soft_cap,
+            "final_logit_soft_cap": self.final_logit_soft_cap,
+            "use_sliding_window_attention": self.use_sliding_window_attention,
+            "sliding_window_size": self.sliding_window_size,
+        }
+
+    def _shape(self, vocabulary_size: int) -> dict[str, Any]:
         return {
             "vocabulary_size": vocabulary_size,
             "num_layers": self.num_layers,
@@ -73,13 +102,6 @@ class TinyModelSpec:
             "hidden_dim": self.hidden_dim,
             "intermediate_dim": self.intermediate_dim,
             "head_dim": self.head_dim,
-            "query_head_dim_normalize": self.query_head_dim_normalize,
-            "use_post_ffw_norm": self.use_post_ffw_norm,
-            "use_post_attention_norm": self.use_post_attention_norm,
-            "attention_logit_soft_cap": self.attention_logit_soft_cap,
-            "final_logit_soft_cap": self.final_logit_soft_cap,
-            "use_sliding_window_attention": self.use_sliding_window_attention,
-            "sliding_window_size": self.sliding_window_size,
         }
 
 
@@ -140,20 +162,42 @@ def sentencepiece_processor(proto: bytes):
 # --- model ---------------------------------------------------------------------------------
 
 
-def build_tiny_gemma(spec: TinyModelSpec, proto: bytes):
-    """A GemmaCausalLM (backbone, tokenizer, preprocessor) with seeded random weights."""
-    import keras
+# keras-hub's classes per family: (backbone, tokenizer, preprocessor, causal LM).
+_CLASSES = {
+    "gemma": ("GemmaBackbone", "GemmaTokenizer", "GemmaCausalLMPreprocessor", "GemmaCausalLM"),
+    "gemma3": (
+        "Gemma3Backbone",
+        "Gemma3Tokenizer",
+        "Gemma3CausalLMPreprocessor",
+        "Gemma3CausalLM",
+    ),
+}
+
+
+def _classes(family: str) -> tuple[Any, Any, Any, Any]:
     import keras_hub
 
-    tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
+    return tuple(getattr(keras_hub.models, name) for name in _CLASSES[family])
+
+
+def _tokenizer(family: str, **kwargs: Any):
+    tokenizer_class = _classes(family)[1]
+    if family == "gemma3":
+        kwargs["has_vision_tokens"] = False  # a text-only model: no image pieces
+    return tokenizer_class(**kwargs)
+
+
+def build_tiny_gemma(spec: TinyModelSpec, proto: bytes):
+    """A causal LM (backbone, tokenizer, preprocessor) of `spec.family` with seeded random
+    weights."""
+    import keras
+
+    backbone_class, _, preprocessor_class, causal_lm_class = _classes(spec.family)
+    tokenizer = _tokenizer(spec.family, proto=proto)
     keras.utils.set_random_seed(spec.seed)  # same seed, same initial weights
-    backbone = keras_hub.models.GemmaBackbone(
-        **spec.backbone_kwargs(tokenizer.vocabulary_size()), dtype="float32"
-    )
-    preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(
-        tokenizer=tokenizer, sequence_length=spec.sequence_length
-    )
-    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
+    backbone = backbone_class(**spec.backbone_kwargs(tokenizer.vocabulary_size()), dtype="float32")
+    preprocessor = preprocessor_class(tokenizer=tokenizer, sequence_length=spec.sequence_length)
+    return causal_lm_class(backbone=backbone, preprocessor=preprocessor)
 
 
 def count_parameters(causal_lm) -> int:
@@ -311,14 +355,17 @@ def train_language_model(
 # --- preset --------------------------------------------------------------------------------
 
 
-def verify_preset(local_preset_dir: str, causal_lm, sequence_length: int = 32) -> None:
+def verify_preset(
+    local_preset_dir: str, causal_lm, sequence_length: int = 32, family: str = "gemma"
+) -> None:
     """Load the saved preset back the three ways users do, and check it is the same model."""
     import keras_hub
 
-    tokenizer = keras_hub.models.GemmaTokenizer.from_preset(local_preset_dir)
+    _, tokenizer_class, _, causal_lm_class = _classes(family)
+    tokenizer = tokenizer_class.from_preset(local_preset_dir)
     if tokenizer.token_to_id(BOS_PIECE) != BOS_ID or tokenizer.token_to_id(EOS_PIECE) != EOS_ID:
         raise InputError(f"preset tokenizer in {local_preset_dir} has wrong special ids")
-    loaded_lm = keras_hub.models.GemmaCausalLM.from_preset(local_preset_dir)
+    loaded_lm = causal_lm_class.from_preset(local_preset_dir)
     backbone = keras_hub.models.Backbone.from_preset(local_preset_dir)
     rng = np.random.default_rng(0)
     vocab = causal_lm.backbone.vocabulary_size
@@ -354,7 +401,7 @@ def make_tiny_preset(
     # every kind of destination (a local path, file://, gs://).
     with tempfile.TemporaryDirectory(prefix="tiny-gemma-") as tmp:
         causal_lm.save_to_preset(tmp)
-        verify_preset(tmp, causal_lm)
+        verify_preset(tmp, causal_lm, family=spec.family)
         storage.upload_tree(tmp, preset_dir)
     stats["save_seconds"] = time.perf_counter() - saving
     stats.update(

@@ -1,10 +1,11 @@
 """Text generation from a keras-hub Gemma with a steering vector added to one block's output.
 
-The loop is keras-hub's `GemmaCausalLM.generate_step` written out over the backbone's own
-layers (token embedding, decoder blocks with their KV caches, final norm, tied logits with
-Gemma 2's soft-cap): one forward over the padded prompt seeds the caches, then one token per
-step. The only change is `x += strength * direction` after `decoder_block_<layer>`, at every
-position (prompt and generated), which is how SAE features are steered.
+The loop is keras-hub's `GemmaCausalLM.generate_step` (and Gemma3CausalLM's, for Gemma 3's
+text model) written out over the backbone's own layers (token embedding, decoder blocks with
+their KV caches, final norm, tied logits with Gemma 2's soft-cap): one forward over the padded
+prompt seeds the caches, then one token per step. The only change is
+`x += strength * direction` after `decoder_block_<layer>`, at every position (prompt and
+generated), which is how SAE features are steered.
 
 Everything that varies between calls of a sweep (the direction, one strength per batch row,
 the sampling key) is a traced argument of a single `jax.jit` function, and the weights are
@@ -45,14 +46,13 @@ class SteeredGenerator:
     """A Gemma preset ready to generate with a steering vector at one block's output."""
 
     def __init__(self, backbone, tokenizer_proto: bytes) -> None:
-        import keras_hub
         import sentencepiece as spm
 
-        if not isinstance(backbone, keras_hub.models.GemmaBackbone):
-            raise InputError(
-                f"steering needs a Gemma (1 or 2) backbone, got {type(backbone).__name__}"
-            )
+        lm.check_gemma(backbone, " (steering runs the blocks one by one)")
         self.backbone = backbone
+        # Gemma 3's blocks take and return their cache as a (key, value) pair; Gemma 1/2's as
+        # one [batch, 2, length, heads, head_dim] array. Ours is stacked over the layers.
+        self._pair_cache = type(backbone).__name__ == "Gemma3Backbone"
         self.hidden_dim = int(backbone.hidden_dim)
         self.num_layers = int(backbone.num_layers)
         self.processor = spm.SentencePieceProcessor(model_proto=tokenizer_proto)
@@ -152,7 +152,10 @@ class SteeredGenerator:
         x = x * keras.ops.cast(keras.ops.sqrt(self.hidden_dim), x.dtype)
         caches = []
         for i, block in enumerate(backbone.transformer_layers):
-            x, block_cache = block(x, cache=cache[:, i], cache_update_index=index)
+            layer_cache = (cache[:, i, 0], cache[:, i, 1]) if self._pair_cache else cache[:, i]
+            x, block_cache = block(x, cache=layer_cache, cache_update_index=index)
+            if self._pair_cache:
+                block_cache = jnp.stack(block_cache, axis=1)
             if i == layer:
                 x = x + steer.astype(x.dtype)
             caches.append(block_cache)

@@ -34,14 +34,25 @@ def load_backbone(preset_uri: str, dtype: str = "float32"):
     return keras_hub.models.Backbone.from_preset(str(presets.local_copy(preset_uri)), dtype=dtype)
 
 
-def check_gemma(backbone: Any, hint: str = "") -> None:
-    """The piecewise forward below rebuilds GemmaBackbone's graph (Gemma 1 and 2)."""
-    import keras_hub
+# keras-hub backbones whose blocks the piecewise forward and generation call one by one:
+# Gemma 1 and 2 (GemmaBackbone) and Gemma 3's text model (Gemma3Backbone without a vision
+# encoder). Their graphs agree: scaled token embedding, blocks called with a padding mask,
+# final RMS norm, tied embedding in reverse (with the config's soft-cap, if any).
+SUPPORTED_BACKBONES = ("GemmaBackbone", "Gemma3Backbone")
 
-    if not isinstance(backbone, keras_hub.models.GemmaBackbone):
+
+def check_gemma(backbone: Any, hint: str = "") -> None:
+    """Fails with one line unless the piecewise forward below rebuilds `backbone`'s graph."""
+    name = type(backbone).__name__
+    if name not in SUPPORTED_BACKBONES:
         raise InputError(
-            f"the model is a {type(backbone).__name__}; running it block by block supports "
-            f"keras-hub's GemmaBackbone (Gemma 1 and 2) only{hint}"
+            f"the model is a {name}; running it block by block supports keras-hub's "
+            f"GemmaBackbone (Gemma 1 and 2) and Gemma3Backbone (text only){hint}"
+        )
+    if getattr(backbone, "vision_encoder", None) is not None:
+        raise InputError(
+            f"the model is a Gemma 3 with a vision encoder; running it block by block "
+            f"supports the text-only Gemma3Backbone{hint}"
         )
 
 
@@ -66,7 +77,7 @@ def run_to_layer(
     backbone: Any, token_ids: jax.Array, padding_mask: jax.Array, layer: int
 ) -> jax.Array:
     """The residual stream after `decoder_block_<layer>` (what ActivationTap reads), computed
-    as GemmaBackbone does: scaled token embedding, then blocks 0..layer."""
+    as GemmaBackbone and Gemma3Backbone do: scaled token embedding, then blocks 0..layer."""
     from keras import ops
 
     x = backbone.token_embedding(token_ids)
@@ -98,6 +109,13 @@ class ActivationTap:
     def __init__(self, backbone: Any, layers: list[int], mesh: Mesh) -> None:
         import keras
 
+        extra = sorted(set(backbone.input) - {"token_ids", "padding_mask"})
+        if extra:
+            raise InputError(
+                f"the tap feeds a model token_ids and padding_mask; this "
+                f"{type(backbone).__name__} also takes {', '.join(extra)} (text-only Gemma 1, "
+                "2 and 3 are supported)"
+            )
         self.layers = list(layers)
         self.mesh = mesh
         self.hidden_dim = int(backbone.hidden_dim)

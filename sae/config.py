@@ -17,7 +17,7 @@ import yaml
 
 from sae.arch.spec import SaeSpec
 from sae.errors import ConfigError
-from sae.io import storage
+from sae.io import model_sources, storage
 
 
 @dataclass
@@ -46,7 +46,9 @@ class DemoConfig:
 class ModelConfig:
     """The language model whose activations are read."""
 
-    # keras-hub preset directory (local path or gs://). Empty: <workdir>/model (the demo model).
+    # A keras-hub preset directory (local or gs://), a keras-hub preset name, kaggle:// or hf://
+    # handle, a local Hugging Face directory, or a .gguf file (the last three converted once
+    # into a cached keras-hub preset). Empty: <workdir>/model (the demo model).
     preset: str = ""
     # Compute dtype of the forward pass; Gemma on TPU wants bfloat16.
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -273,10 +275,14 @@ class ReportConfig:
     # model re-run with each SAE's reconstruction in place of its layer's output (and with it
     # zero-ablated). Costs about (2 + SAEs per layer) forward passes per sequence; 0 skips them.
     spliced_sequences: int = 64
+    # Training-split tokens whose mean activation gives the spliced metrics a mean-ablation
+    # baseline (CE recovered against the mean, not only against zeros); 0 skips it.
+    mean_ablation_tokens: int = 20_000
 
     def validate(self) -> None:
         _positive(self, "eval_tokens", "top_contexts")
         _non_negative(self, "context_window", "max_features", "num_steering", "spliced_sequences")
+        _non_negative(self, "mean_ablation_tokens")
         if any(i < 0 for i in self.steering_features):
             raise ConfigError("report.steering_features must be non-negative feature indices")
 
@@ -333,7 +339,11 @@ class PipelineConfig:
 
     @property
     def preset_uri(self) -> str:
-        return self.model.preset or storage.join(self.workdir, "model")
+        """The keras-hub preset directory of the model: model.preset, converted once when it
+        is a .gguf file, a Hugging Face directory or a hub handle (sae.io.model_sources)."""
+        if not self.model.preset:
+            return storage.join(self.workdir, "model")
+        return model_sources.resolve(self.model.preset)
 
     @property
     def tokens_uri(self) -> str:

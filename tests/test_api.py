@@ -65,3 +65,21 @@ def test_public_names():
     assert {"Trainer", "SaeSpec", "evaluate", "load_config", "steer"} <= set(dir(sae))
     with pytest.raises(AttributeError):
         sae.nothing  # noqa: B018
+
+
+def test_fve_without_dominant_dimensions_sees_through_one_huge_dimension():
+    """One dimension with ~99% of the variance: an SAE that reconstructs only it has a plain
+    FVE near 1 and an FVE over the other dimensions near 0; the metrics name the dimension."""
+    from sae.arch import ReluSAE
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    x[:, 5] = 1000.0 + 30.0 * rng.normal(size=2000)
+    one_hot = np.eye(16, dtype=np.float32)[5]
+    weights = {"W_enc": one_hot[:, None], "b_enc": np.zeros(1, np.float32)}
+    weights |= {"W_dec": one_hot[None, :], "b_dec": np.zeros(16, np.float32)}
+    only_dim_5 = sae.Sae(ReluSAE(sae.SaeSpec(), d_model=16, d_sae=1), weights, {})
+    metrics = sae.evaluate(only_dim_5, x)[0]
+    assert metrics["fraction_variance_explained"] > 0.9
+    assert metrics["dominant_dimensions"] == [5] and metrics["dominant_variance_share"] > 0.9
+    assert abs(metrics["fraction_variance_explained_without_dominant"]) < 0.01

@@ -78,6 +78,33 @@ def test_identity_recovers_everything_and_zeros_nothing(backbone, tokens, batch)
     assert zeros["kl_div_with_sae"] == zeros["kl_div_zero_ablation"] > 1.0
 
 
+def test_mean_ablation_is_a_stronger_baseline_than_zeros(backbone, tokens, batch):
+    """The activation replaced by its mean (here over the batch's own content tokens): the
+    model loses less than with zeros, so an SAE must do better to recover the same share."""
+    token_ids, lengths = batch
+    tapped = lm.ActivationTap(backbone, [LAYER], sharding.make_mesh())(token_ids, lengths)[0]
+    mask = activations.content_mask(token_ids, lengths, tokens["tokenizer"]["bos_id"])
+    mean = np.asarray(tapped, np.float32)[mask].mean(axis=0)
+    loss = spliced.SplicedLoss(
+        backbone,
+        LAYER,
+        [IDENTITY, ZEROS],
+        sharding.make_mesh(),
+        tokens["tokenizer"]["bos_id"],
+        mean,
+    )
+    identity, zeros = (loss(token_ids, lengths).metrics(i) for i in (0, 1))
+    assert identity["ce_loss_recovered_vs_mean_ablation"] == 1.0
+    assert identity["ce_loss_clean"] < identity["ce_loss_mean_ablation"]
+    assert identity["ce_loss_mean_ablation"] < identity["ce_loss_zero_ablation"]
+    assert 0 < identity["kl_div_mean_ablation"] < identity["kl_div_zero_ablation"]
+    # Zeros are worse than the mean: negative recovery against it.
+    assert zeros["ce_loss_recovered_vs_mean_ablation"] < 0
+    # The models' own metrics are unchanged by the extra path.
+    plain = _loss(backbone, tokens, [IDENTITY, ZEROS])(token_ids, lengths).metrics(1)
+    assert zeros["ce_loss_with_sae"] == pytest.approx(plain["ce_loss_with_sae"], rel=1e-6)
+
+
 def test_clean_loss_is_keras_hub_causal_lm_loss(backbone, tokens, batch):
     clean = _loss(backbone, tokens, [IDENTITY])(*batch).metrics(0)["ce_loss_clean"]
     assert clean == pytest.approx(_reference_ce(backbone, *batch), rel=1e-5)

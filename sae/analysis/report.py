@@ -20,6 +20,7 @@ from sae.analysis import (
     steering,
 )
 from sae.config import PipelineConfig
+from sae.data.activations import content_mask, sequence_batches
 from sae.data.token_shards import iter_sequences
 from sae.errors import InputError
 from sae.io import manifest, presets, saelens, storage
@@ -120,9 +121,13 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
     # evaluated): the last line reports what was done.
     progress.total = progress.done
     progress.close()
+    means = {}
+    if cfg.spliced_sequences and cfg.mean_ablation_tokens:
+        train_shards = tokens_manifest["shards"]["train"]
+        means = _training_means(tap, iter_sequences(train_shards), config, bos_id)
     del tap  # its device copy of the weights; the spliced pass makes its own
     if cfg.spliced_sequences:
-        _add_spliced_metrics(config, backbone, saes, results, eval_shards, bos_id, mesh)
+        _add_spliced_metrics(config, backbone, saes, results, eval_shards, bos_id, mesh, means)
     processor = spm.SentencePieceProcessor(model_proto=presets.tokenizer_proto(preset))
     w_u = logit_effects.unembedding(backbone)
     training_log = plots.read_training_log(storage.join(config.sae_uri, "metrics.jsonl"))
@@ -160,6 +165,25 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
     return StageOutput(counts, files + list(summary_files.values()))
 
 
+def _training_means(
+    tap: lm.ActivationTap, sequences, config: PipelineConfig, bos_id: int
+) -> dict[int, np.ndarray]:
+    """Each tapped layer's mean activation over the first `report.mean_ablation_tokens`
+    content tokens of the training split (BOS and padding left out, as in training)."""
+    sums = [np.zeros(tap.hidden_dim) for _ in tap.layers]
+    tokens = 0
+    for token_ids, lengths in sequence_batches(sequences, config.train.lm_batch_size):
+        mask = content_mask(token_ids, lengths, bos_id)
+        for total, activations in zip(sums, tap(token_ids, lengths), strict=True):
+            total += np.asarray(activations, np.float64)[mask].sum(axis=0)
+        tokens += int(mask.sum())
+        if tokens >= config.report.mean_ablation_tokens:
+            break
+    if not tokens:
+        raise InputError("no training tokens to average for the mean-ablation baseline")
+    return {layer: total / tokens for layer, total in zip(tap.layers, sums, strict=True)}
+
+
 def _add_spliced_metrics(
     config: PipelineConfig,
     backbone: Any,
@@ -168,6 +192,7 @@ def _add_spliced_metrics(
     eval_shards: list[str],
     bos_id: int,
     mesh: Mesh,
+    means: dict[int, np.ndarray],
 ) -> None:
     """CE loss recovered, delta LM loss and KL of every SAE, one model pass per layer for all
     the SAEs reading it, on the first `report.spliced_sequences` held-out sequences."""
@@ -178,7 +203,7 @@ def _add_spliced_metrics(
     count = config.report.spliced_sequences
     for layer, indices in sorted(by_layer.items()):
         models = [spliced.sae_model(entries[i][0], entries[i][1]) for i in indices]
-        loss = spliced.SplicedLoss(backbone, layer, models, mesh, bos_id)
+        loss = spliced.SplicedLoss(backbone, layer, models, mesh, bos_id, means.get(layer))
         progress = Progress(f"report spliced L{layer}", count, unit="seq")
         sums = spliced.evaluate_spliced(
             loss, iter_sequences(eval_shards), config.train.lm_batch_size, count, progress

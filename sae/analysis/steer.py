@@ -17,7 +17,7 @@ import numpy as np
 
 from sae.analysis import steering
 from sae.errors import ConfigError, InputError
-from sae.io import presets, saelens, storage
+from sae.io import model_sources, presets, saelens, storage
 from sae.io.saelens import Sae
 from sae.model.generation import Generation, SteeredGenerator
 from sae.progress import log
@@ -116,8 +116,10 @@ def _the_sae(sae_uri: str | None) -> str:
 
 
 def _check_preset(preset: str | None, sae_uri: str | None) -> str:
+    """The keras-hub preset of `preset` (any model source, converted once)."""
     if not preset:
         raise InputError(f"{_the_sae(sae_uri)} does not name its model; pass --model-preset")
+    preset = model_sources.resolve(preset)
     if not storage.exists(storage.join(preset, "config.json")):
         raise InputError(
             f"no keras-hub preset at {preset} (config.json not found); pass --model-preset"

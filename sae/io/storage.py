@@ -558,6 +558,12 @@ def _remove_quietly(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def cache_dir(*parts: str) -> Path:
+    """A path under the local cache, ``$GEMMA_SAE_CACHE`` (default ~/.cache/gemma-sae)."""
+    root = Path(os.environ.get("GEMMA_SAE_CACHE") or "~/.cache/gemma-sae").expanduser()
+    return root.joinpath(*parts)
+
+
 def local_copy(uri: str) -> Path:
     """A local path holding ``uri``'s content: the path itself, or a cached GCS download.
 
@@ -569,8 +575,7 @@ def local_copy(uri: str) -> Path:
     if not is_gcs(uri):
         return _local_path(uri)
     bucket, key = _split(uri)
-    cache = Path(os.environ.get("GEMMA_SAE_CACHE") or "~/.cache/gemma-sae").expanduser()
-    dest = cache / "gcs" / bucket / key
+    dest = cache_dir("gcs", bucket, key)
     stamp = dest.with_name(dest.name + ".stamp")  # beside, not inside, the copy
     tree, is_directory = _tree(uri)
     fp = _tree_hash(tree.items())

@@ -3,7 +3,8 @@ place of the activation it reads (REFERENCE "Metric definitions"; SAELens' names
 
 One jitted function per tapped layer runs the model once up to `decoder_block_<layer>`, then
 the remaining blocks, final norm and tied-embedding logits (with Gemma 2's final soft-cap) on
-several residual streams: clean, zero-ablated, and each SAE's reconstruction. Shapes are fixed
+several residual streams: clean, zero-ablated, optionally mean-ablated (the activation's mean
+over training tokens), and each SAE's reconstruction. Shapes are fixed
 (every batch padded to the same size), so it compiles once.
 
 Which positions:
@@ -61,41 +62,75 @@ def sae_model(sae: SparseAutoencoder, params: dict[str, np.ndarray]) -> SplicedM
 
 @dataclass
 class SplicedSums:
-    """Sums over scored positions; index 0 is the clean run, 1 zero ablation, 2+i model i."""
+    """Sums over scored positions; index 0 is the clean run, 1 zero ablation, then (with
+    `mean_ablation`) the mean-ablated run, then model i."""
 
     positions: int
     ce: np.ndarray  # [paths] summed next-token cross-entropy (nats)
     kl: np.ndarray  # [paths] summed KL(clean || path)
+    mean_ablation: bool = False
 
     def __add__(self, other: SplicedSums) -> SplicedSums:
-        return SplicedSums(self.positions + other.positions, self.ce + other.ce, self.kl + other.kl)
+        return SplicedSums(
+            self.positions + other.positions,
+            self.ce + other.ce,
+            self.kl + other.kl,
+            self.mean_ablation,
+        )
 
     def metrics(self, model: int) -> dict[str, float | None]:
         """The field's metrics for model `model` (its index among the evaluator's models);
-        CE loss recovered is None (JSON null) when zero ablation costs nothing."""
+        CE loss recovered is None (JSON null) when the ablation costs nothing. With mean
+        ablation, the same against it: a far stronger baseline than zeros, which a residual
+        stream's few huge dimensions make easy to beat."""
         n = max(self.positions, 1)
-        clean, zero, spliced = (float(self.ce[i]) / n for i in (0, 1, 2 + model))
-        recovered = (zero - spliced) / (zero - clean) if zero != clean else None
-        return {
+        index = 2 + self.mean_ablation + model
+        clean, zero, spliced = (float(self.ce[i]) / n for i in (0, 1, index))
+        metrics = {
             "spliced_eval_positions": self.positions,
             "ce_loss_clean": clean,
             "ce_loss_with_sae": spliced,
             "ce_loss_zero_ablation": zero,
-            "ce_loss_recovered": recovered,
+            "ce_loss_recovered": _recovered(zero, spliced, clean),
             "delta_lm_loss": spliced - clean,
-            "kl_div_with_sae": float(self.kl[2 + model]) / n,
+            "kl_div_with_sae": float(self.kl[index]) / n,
             "kl_div_zero_ablation": float(self.kl[1]) / n,
         }
+        if self.mean_ablation:
+            mean = float(self.ce[2]) / n
+            metrics["ce_loss_mean_ablation"] = mean
+            metrics["ce_loss_recovered_vs_mean_ablation"] = _recovered(mean, spliced, clean)
+            metrics["kl_div_mean_ablation"] = float(self.kl[2]) / n
+        return metrics
+
+
+def _recovered(ablated: float, spliced: float, clean: float) -> float | None:
+    return (ablated - spliced) / (ablated - clean) if ablated != clean else None
+
+
+def mean_model(mean: np.ndarray) -> SplicedModel:
+    """Every substituted activation replaced by `mean` (its mean over training tokens)."""
+    return SplicedModel(lambda p, x: jnp.broadcast_to(p["mean"], x.shape), {"mean": mean})
 
 
 class SplicedLoss:
     """Clean, zero-ablated and spliced next-token losses at one layer, batch by batch."""
 
     def __init__(
-        self, backbone: Any, layer: int, models: list[SplicedModel], mesh: Mesh, bos_id: int
+        self,
+        backbone: Any,
+        layer: int,
+        models: list[SplicedModel],
+        mesh: Mesh,
+        bos_id: int,
+        mean: np.ndarray | None = None,
     ) -> None:
+        """`mean`: the activation's mean over training tokens, for a mean-ablated path."""
         lm.check_gemma(backbone)
         self.backbone, self.layer, self.mesh, self.bos_id = backbone, layer, mesh, bos_id
+        self.mean_ablation = mean is not None
+        if mean is not None:
+            models = [mean_model(np.asarray(mean, np.float32)), *models]
         self.reconstructs = [m.reconstruct for m in models]
         replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
         self._weights = jax.device_put(lm.backbone_weights(backbone), replicated)
@@ -148,7 +183,8 @@ class SplicedLoss:
         else:
             out = self._sums(self._weights, self._params, *inputs)
         count, ce, kl = jax.device_get(out)
-        return SplicedSums(int(count), np.asarray(ce, np.float64), np.asarray(kl, np.float64))
+        ce, kl = np.asarray(ce, np.float64), np.asarray(kl, np.float64)
+        return SplicedSums(int(count), ce, kl, self.mean_ablation)
 
 
 def _head_sums(

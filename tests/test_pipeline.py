@@ -84,14 +84,16 @@ def test_preempted_training_resumes_to_the_same_weights(local_run, tmp_path):
         text=True,
         env=os.environ.copy(),
     )
+    lines = []
     for line in process.stderr:
+        lines.append(line)
         if "checkpoint saved at step 20" in line:
             process.send_signal(signal.SIGTERM)
             break
-    rest = process.stderr.read()
+    lines += process.stderr.read().splitlines()
     assert process.wait(timeout=120) == 75
-    saved = [line for line in rest.splitlines() if "checkpoint saved at step" in line]
-    assert saved and len(saved) == len(set(saved)), f"a checkpoint announced twice: {saved}"
+    saved = [line.strip() for line in lines if "checkpoint saved at step" in line]
+    assert len(saved) == len(set(saved)), f"a checkpoint announced twice: {saved}"
     assert manifest.read(str(tmp_path / "resumed" / "sae")) is None
     assert main(["train", *resumed]) == 0
 

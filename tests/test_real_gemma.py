@@ -138,10 +138,13 @@ def test_an_sae_trains_on_real_activations_and_splices(preset, backbone, normali
         [spliced.sae_model(topk.model, topk.weights)],
         sharding.make_mesh(1, 1),
         bos,
+        train.mean(axis=0),
     )
     result = loss(token_ids[:8], lengths[:8]).metrics(0)
     assert all(np.isfinite(v) for v in result.values() if v is not None)
     assert result["ce_loss_clean"] < result["ce_loss_with_sae"] < result["ce_loss_zero_ablation"]
+    # On the real model the mean is a far stronger baseline than zeros (one huge dimension).
+    assert result["ce_loss_mean_ablation"] < result["ce_loss_zero_ablation"] - 1.0
 
 
 def test_bad_model_sources_fail_in_one_line_before_model_work(tmp_path):

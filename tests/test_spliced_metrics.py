@@ -78,31 +78,30 @@ def test_identity_recovers_everything_and_zeros_nothing(backbone, tokens, batch)
     assert zeros["kl_div_with_sae"] == zeros["kl_div_zero_ablation"] > 1.0
 
 
-def test_mean_ablation_is_a_stronger_baseline_than_zeros(backbone, tokens, batch):
-    """The activation replaced by its mean (here over the batch's own content tokens): the
-    model loses less than with zeros, so an SAE must do better to recover the same share."""
+def test_mean_ablation_is_the_mean_substituted(backbone, tokens, batch):
+    """The mean-ablated path is the activation replaced by the given mean (here over the
+    batch's own content tokens): the same loss as a model that outputs the mean, recovery
+    against it is 1 for the identity, and the models' own metrics do not change. (Whether the
+    mean is a stronger baseline than zeros depends on the model: on the tiny one it is not; on
+    Gemma 3 270M it is, tests/test_real_gemma.py.)"""
     token_ids, lengths = batch
+    bos = tokens["tokenizer"]["bos_id"]
     tapped = lm.ActivationTap(backbone, [LAYER], sharding.make_mesh())(token_ids, lengths)[0]
-    mask = activations.content_mask(token_ids, lengths, tokens["tokenizer"]["bos_id"])
+    mask = activations.content_mask(token_ids, lengths, bos)
     mean = np.asarray(tapped, np.float32)[mask].mean(axis=0)
-    loss = spliced.SplicedLoss(
-        backbone,
-        LAYER,
-        [IDENTITY, ZEROS],
-        sharding.make_mesh(),
-        tokens["tokenizer"]["bos_id"],
-        mean,
-    )
-    identity, zeros = (loss(token_ids, lengths).metrics(i) for i in (0, 1))
+    mesh = sharding.make_mesh()
+    loss = spliced.SplicedLoss(backbone, LAYER, [IDENTITY, ZEROS], mesh, bos, mean)
+    sums = loss(token_ids, lengths)
+    identity, zeros = sums.metrics(0), sums.metrics(1)
+    as_model = spliced.SplicedLoss(backbone, LAYER, [spliced.mean_model(mean)], mesh, bos)
+    substituted = as_model(token_ids, lengths).metrics(0)
+    assert identity["ce_loss_mean_ablation"] == pytest.approx(substituted["ce_loss_with_sae"])
+    assert identity["kl_div_mean_ablation"] == pytest.approx(substituted["kl_div_with_sae"])
     assert identity["ce_loss_recovered_vs_mean_ablation"] == 1.0
     assert identity["ce_loss_clean"] < identity["ce_loss_mean_ablation"]
-    assert identity["ce_loss_mean_ablation"] < identity["ce_loss_zero_ablation"]
-    assert 0 < identity["kl_div_mean_ablation"] < identity["kl_div_zero_ablation"]
-    # Zeros are worse than the mean: negative recovery against it.
-    assert zeros["ce_loss_recovered_vs_mean_ablation"] < 0
-    # The models' own metrics are unchanged by the extra path.
     plain = _loss(backbone, tokens, [IDENTITY, ZEROS])(token_ids, lengths).metrics(1)
     assert zeros["ce_loss_with_sae"] == pytest.approx(plain["ce_loss_with_sae"], rel=1e-6)
+    assert "ce_loss_mean_ablation" not in plain
 
 
 def test_clean_loss_is_keras_hub_causal_lm_loss(backbone, tokens, batch):

@@ -19,7 +19,6 @@ cached preset.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re
@@ -104,13 +103,18 @@ def _is_hugging_face_directory(preset: str) -> bool:
     return "model_type" in found and "class_name" not in found
 
 
+def _fingerprint(path: Path) -> str:
+    """storage's content fingerprint of a local file (its sha256) or directory, hashed once
+    per state of its files: `model.preset` is resolved at every use, the files are large."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _hashed(str(path), path.is_file(), stats)
+
+
 @functools.cache
-def _sha256(path: Path, size: int, mtime: float) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _hashed(uri: str, is_file: bool, stats: tuple) -> str:
+    digest = storage.fingerprint(uri) if is_file else storage.fingerprint_tree(uri)
+    return digest.removeprefix("sha256:")
 
 
 def _gguf_preset(uri: str) -> str:
@@ -120,8 +124,7 @@ def _gguf_preset(uri: str) -> str:
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise InputError(f"{uri} is not a GGUF file (it does not start with 'GGUF')")
-    stat = path.stat()
-    sha = _sha256(path, stat.st_size, stat.st_mtime)
+    sha = _fingerprint(path)
     dest = storage.cache_dir("presets", f"gguf-{sha}")
 
     def convert(tmp: Path) -> None:
@@ -134,7 +137,7 @@ def _gguf_preset(uri: str) -> str:
 
 
 def _hugging_face_preset(directory: str) -> str:
-    digest = storage.fingerprint_tree(directory).removeprefix("sha256:")
+    digest = _fingerprint(Path(directory))
     dest = storage.cache_dir("presets", f"hf-{digest}")
     source = {"source": os.path.abspath(directory), "fingerprint": digest}
     return _cached(dest, source, lambda tmp: _save_keras_preset(directory, tmp / "keras"))

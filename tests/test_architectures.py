@@ -8,6 +8,7 @@ import pytest
 
 from sae import arch
 from sae.arch import LossContext, SaeSpec, from_export_config
+from sae.arch.common import pre_activations
 from sae.arch.jumprelu import jump_relu, step_function
 from sae.io import saelens
 
@@ -59,3 +60,127 @@ def test_export_with_folded_scale_encodes_raw_activations(architecture, tmp_path
     reconstruction = loaded.decode(loaded_params, latents)
     trained_reconstruction = sae.decode(weights, trained_latents) / scale
     np.testing.assert_allclose(reconstruction, trained_reconstruction, rtol=1e-4, atol=1e-4)
+
+
+def _loss(sae, x, dead=None):
+    params = sae.init_params(jax.random.key(0), x)
+    dead = jnp.zeros(WIDTH, bool) if dead is None else dead
+    return params, sae.loss(params, sae.init_buffers(), x, LossContext(jnp.float32(1.0), dead))
+
+
+def test_matryoshka_loss_adds_each_prefix_reconstruction_error():
+    x = jnp.asarray(_data(128))
+    spec = SaeSpec(architecture="matryoshka_batchtopk", k=4, matryoshka_widths=(8, 24, WIDTH))
+    sae = arch.build(spec, D, d_sae=WIDTH)
+    params, (loss, out) = _loss(sae, x)
+    # BatchTopK's selection over all latents, then each prefix decoded on its own.
+    latents = np.asarray(sae.select(pre_activations(params, x, "float32"))[0])
+    errors = []
+    for width in (8, 24, WIDTH):
+        reconstruction = latents[:, :width] @ np.asarray(params["W_dec"])[:width] + params["b_dec"]
+        errors.append(np.mean(np.sum((reconstruction - np.asarray(x)) ** 2, axis=-1)))
+    np.testing.assert_allclose(float(loss), sum(errors), rtol=1e-4)  # no dead latents: no AuxK
+    np.testing.assert_allclose(float(out["parts"]["inner_mse_8"]), errors[0], rtol=1e-4)
+    np.testing.assert_allclose(float(out["parts"]["mse"]), errors[-1], rtol=1e-4)
+    assert float(out["l0"]) == pytest.approx(4.0)
+
+
+def test_matryoshka_aux_loss_is_per_level():
+    """Dead latents only in the last level: the per-level AuxK reconstructs what the whole
+    SAE misses there, so it equals the plain AuxK; dead latents in the first level aim at the
+    first prefix's larger residual instead."""
+    x = jnp.asarray(_data(128))
+
+    def auxk(dead_latents: slice, per_level: bool) -> float:
+        spec = SaeSpec(
+            architecture="matryoshka_batchtopk",
+            k=4,
+            matryoshka_widths=(16, WIDTH),
+            use_matryoshka_aux_loss=per_level,
+            k_aux=8,
+        )
+        dead = jnp.zeros(WIDTH, bool).at[dead_latents].set(True)
+        _, (_, out) = _loss(arch.build(spec, D, d_sae=WIDTH), x, dead)
+        return float(out["parts"]["auxk"])
+
+    last_level = slice(40, WIDTH)
+    assert auxk(last_level, True) == pytest.approx(auxk(last_level, False), rel=1e-5)
+    assert auxk(last_level, True) > 0
+    first_level = slice(0, 16)
+    assert auxk(first_level, True) != pytest.approx(auxk(first_level, False), rel=1e-3)
+
+
+def _jumprelu(mode: str, **options):
+    spec = SaeSpec(
+        architecture="jumprelu",
+        jumprelu_sparsity_loss_mode=mode,
+        jumprelu_init_threshold=0.3,
+        sparsity_coefficient=1.0,
+        **options,
+    )
+    return arch.build(spec, D, d_sae=WIDTH)
+
+
+def test_jumprelu_sparsity_losses_follow_saelens_definitions():
+    x = jnp.asarray(_data(128))
+    target = 5.0
+    losses = {}
+    for mode, options in {
+        "step": {},
+        "quadratic": {"target_l0": target},
+        "tanh": {"jumprelu_tanh_scale": 2.0},
+    }.items():
+        sae = _jumprelu(mode, **options)
+        params, (loss, out) = _loss(sae, x)
+        latents = np.asarray(sae.encode(params, x))
+        l0 = np.sum(latents != 0, axis=-1)
+        losses[mode] = float(out["parts"][f"{mode}_penalty"])
+        expected = {
+            "step": np.mean(l0),
+            "quadratic": np.mean(2.0 / target * (l0 - target) ** 2),
+            "tanh": np.mean(np.sum(np.tanh(2.0 * latents), axis=-1)),  # unit decoder rows
+        }[mode]
+        np.testing.assert_allclose(losses[mode], expected, rtol=1e-4)
+        np.testing.assert_allclose(float(loss), float(out["parts"]["mse"]) + expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("target", [1.0, 60.0])
+def test_quadratic_loss_pulls_thresholds_toward_the_target_l0(target):
+    """Above the target, the thresholds' gradient raises them (fewer latents); below, it
+    lowers them: the pull works from both sides, unlike the step loss."""
+    x = jnp.asarray(_data(128))
+    sae = _jumprelu("quadratic", target_l0=target)
+    params = sae.init_params(jax.random.key(0), x)
+    ctx = LossContext(jnp.float32(1.0), jnp.zeros(WIDTH, bool))
+    l0 = float(sae.loss(params, {}, x, ctx)[1]["l0"])
+    assert 1.0 < l0 < 60.0
+
+    def penalty(log_threshold):
+        out = sae.loss({**params, "log_threshold": log_threshold}, {}, x, ctx)[1]
+        return out["parts"]["quadratic_penalty"]
+
+    grad = np.asarray(jax.grad(penalty)(params["log_threshold"]))
+    assert np.any(grad != 0)
+    # Gradient descent moves log thresholds by -grad: up when L0 is above the target.
+    assert np.all(grad <= 0) if l0 > target else np.all(grad >= 0)
+
+
+def test_pre_activation_loss_lifts_dead_latents_only():
+    x = jnp.asarray(_data(128))
+    sae = _jumprelu("step", pre_act_loss_coefficient=0.5)
+    params = sae.init_params(jax.random.key(0), x)
+    alive = sae.loss(params, {}, x, LossContext(jnp.float32(1.0), jnp.zeros(WIDTH, bool)))
+    assert float(alive[1]["parts"]["pre_act_loss"]) == 0.0
+    dead = jnp.zeros(WIDTH, bool).at[:10].set(True)
+    loss, out = sae.loss(params, {}, x, LossContext(jnp.float32(1.0), dead))
+    pre = np.asarray(pre_activations(params, x, "float32"))
+    expected = np.mean(np.sum(np.maximum(0.3 - pre[:, :10], 0.0), axis=-1))
+    np.testing.assert_allclose(float(out["parts"]["pre_act_loss"]), expected, rtol=1e-4)
+    np.testing.assert_allclose(float(loss) - float(alive[0]), 0.5 * expected, rtol=1e-4)
+    grad = jax.grad(lambda p: sae.loss(p, {}, x, LossContext(jnp.float32(0.0), dead))[0])(params)
+    # The pre-activation loss reaches only the dead latents' encoder columns (sparsity off).
+    mse_only = jax.grad(
+        lambda p: sae.loss(p, {}, x, LossContext(jnp.float32(0.0), jnp.zeros(WIDTH, bool)))[0]
+    )(params)
+    differs = np.any(np.asarray(grad["W_enc"]) != np.asarray(mse_only["W_enc"]), axis=0)
+    assert differs[:10].all() and not differs[10:].any()

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from sae import config
+from sae.arch import SaeSpec
 from sae.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,37 @@ def test_dataflow_settings_load():
         (["train.saes=[]"], "train.saes must list at least one SAE"),
         (["train.saes.1.k=0"], "train.saes[1].k must be positive"),
         (["train.saes.1.resample_every=5"], "resample_every is for relu SAEs"),
+        (["train.saes.0.target_l0=5"], "train.saes[0].target_l0 is for jumprelu SAEs, not relu"),
+        (
+            [
+                "train.saes.1.architecture=jumprelu",
+                "train.saes.1.jumprelu_sparsity_loss_mode=quadratic",
+            ],
+            "train.saes[1]: jumprelu_sparsity_loss_mode 'quadratic' needs target_l0 > 0",
+        ),
+        (
+            ["train.saes.1.architecture=jumprelu", "train.saes.1.target_l0=5"],
+            "target_l0 is read only by jumprelu_sparsity_loss_mode 'quadratic'",
+        ),
+        (
+            ["train.saes.1.jumprelu_sparsity_loss_mode=l1"],
+            "must be one of 'step', 'quadratic', 'tanh', got 'l1'",
+        ),
+        (
+            ["train.saes.1.architecture=matryoshka_batchtopk"],
+            "train.saes[1].matryoshka_widths must list the nested widths",
+        ),
+        (
+            [
+                "train.saes.1.architecture=matryoshka_batchtopk",
+                "train.saes.1.matryoshka_widths=[64,32]",
+            ],
+            "matryoshka_widths must be positive and strictly increasing, got [64, 32]",
+        ),
+        (
+            ["train.saes.1.matryoshka_widths=[64]"],
+            "matryoshka settings are for matryoshka_batchtopk",
+        ),
         (["train.saes.1.architecture=relu"], "two SAEs share the name 'relu-L2-x8-c2'"),
         (["train.lr_warmup_steps=590"], "do not fit in train.steps (600)"),
         (["train.source=npy"], "train.activations (.npy files) is required"),
@@ -117,6 +149,19 @@ def test_bad_values_name_the_key(overrides, message):
         config.load(None, overrides)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_checks_against_the_model_name_the_width():
+    fits = SaeSpec(architecture="matryoshka_batchtopk", matryoshka_widths=(64, 512))
+    fits.check_against_model("s", d_model=64, model_shards=1)  # width 64 x 8
+    short = SaeSpec(architecture="matryoshka_batchtopk", matryoshka_widths=(64, 256))
+    with pytest.raises(ConfigError, match=r"must end at the SAE's width 512 \(d_model 64 x"):
+        short.check_against_model("s", d_model=64, model_shards=1)
+    quadratic = SaeSpec(
+        architecture="jumprelu", jumprelu_sparsity_loss_mode="quadratic", target_l0=600
+    )
+    with pytest.raises(ConfigError, match="target_l0=600 exceeds the width 512"):
+        quadratic.check_against_model("s", d_model=64, model_shards=1)
 
 
 def test_corpus_and_model_are_required_by_the_stages_that_read_them():

@@ -41,9 +41,36 @@ def _members(steps: int = 10) -> dict[str, Member]:
         "relu": Member(_sae("relu", sparsity_coefficient=1.0, resample_every=2), train, columns),
         "topk": Member(_sae("topk", k=4), train, columns),
         "batchtopk": Member(_sae("batchtopk", k=4), train, columns),
+        # Level widths 8 and 24 do not divide over 4 model shards: slices cross devices.
+        "matryoshka": Member(
+            _sae(
+                "matryoshka_batchtopk",
+                k=4,
+                matryoshka_widths=(8, 32, WIDTH),
+                use_matryoshka_aux_loss=True,
+            ),
+            train,
+            columns,
+        ),
         "jumprelu": Member(
             _sae("jumprelu", sparsity_coefficient=0.1),
             dataclasses.replace(train, sparsity_warmup_steps=3),
+            columns,
+        ),
+        "jumprelu_quadratic": Member(
+            _sae(
+                "jumprelu",
+                sparsity_coefficient=0.1,
+                jumprelu_sparsity_loss_mode="quadratic",
+                target_l0=6.0,
+                pre_act_loss_coefficient=1e-3,
+            ),
+            train,
+            columns,
+        ),
+        "jumprelu_tanh": Member(
+            _sae("jumprelu", sparsity_coefficient=0.1, jumprelu_sparsity_loss_mode="tanh"),
+            train,
             columns,
         ),
     }
@@ -97,6 +124,8 @@ def test_step_compiles_once_and_decoder_constraints_hold():
             assert np.ptp(norms) > 1e-4, "ReLU's decoder rows are free"
     # AuxK ran once latents were dead; every loss part and metric is finite.
     assert max(m["topk/auxk"] for m in metrics) > 0
+    assert max(m["matryoshka/auxk"] for m in metrics) > 0
+    assert max(m["jumprelu_quadratic/pre_act_loss"] for m in metrics) > 0
     assert all(np.isfinite(v) for m in metrics for v in m.values())
 
 

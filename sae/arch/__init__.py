@@ -7,6 +7,7 @@ from typing import Any
 from sae.arch.base import LossContext, Params, SparseAutoencoder
 from sae.arch.batchtopk import BatchTopKSAE
 from sae.arch.jumprelu import JumpReluSAE
+from sae.arch.matryoshka import MatryoshkaBatchTopKSAE
 from sae.arch.relu import ReluSAE
 from sae.arch.spec import SaeSpec
 from sae.arch.topk import TopKSAE
@@ -16,10 +17,11 @@ ARCHITECTURES: dict[str, type] = {
     "relu": ReluSAE,
     "topk": TopKSAE,
     "batchtopk": BatchTopKSAE,
+    "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,
     "jumprelu": JumpReluSAE,
 }
-# What an exported cfg.json can name, in SAELens' terms (BatchTopK exports as a JumpReLU);
-# "relu" is how files written before the SAELens name called a standard SAE.
+# What an exported cfg.json can name, in SAELens' terms (the BatchTopK kinds export as
+# JumpReLUs); "relu" is how files written before the SAELens name called a standard SAE.
 INFERENCE_ARCHITECTURES: dict[str, type] = {
     "standard": ReluSAE,
     "relu": ReluSAE,
@@ -54,6 +56,7 @@ __all__ = [
     "BatchTopKSAE",
     "JumpReluSAE",
     "LossContext",
+    "MatryoshkaBatchTopKSAE",
     "Params",
     "ReluSAE",
     "SaeSpec",

@@ -28,12 +28,16 @@ def auxk_loss(
     dead: jax.Array,
     k_aux: int,
     matmul_dtype: str,
+    candidates: int | None = None,
 ) -> jax.Array:
+    """`candidates` bounds how many latents `dead` can mark (a Matryoshka level's width),
+    when that is fewer than `k_aux`; the loss is still scaled by the dead count over k_aux."""
     num_dead = jnp.sum(dead)
+    selected = min(k_aux, candidates or k_aux)
 
     def compute(_: None) -> jax.Array:
         masked = jnp.where(dead, pre, -jnp.inf)
-        cutoff = sparse_ops.top_k(masked, k_aux)[0][:, -1:]
+        cutoff = sparse_ops.top_k(masked, selected)[0][:, -1:]
         # Dense form of the k_aux selection: k_aux is ~d_model/2, too many rows to gather.
         latents = jnp.where(dead & (masked >= cutoff), jax.nn.relu(pre), 0.0)
         weights = {"W_dec": params["W_dec"], "b_dec": jnp.zeros_like(params["b_dec"])}

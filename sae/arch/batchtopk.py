@@ -45,14 +45,19 @@ class BatchTopKSAE(common.StandardDictionary):
         pre = common.pre_activations(weights, x, self.matmul_dtype)
         return jnp.where(pre > weights["threshold"], pre, 0.0)
 
+    def select(self, pre: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(latents, active mask, cut-off): the k * tokens largest positive pre-activations of
+        the batch, and the smallest of them (the batch's threshold)."""
+        positive = jax.nn.relu(pre)
+        cutoff = jax.lax.stop_gradient(sparse_ops.kth_largest(positive, self.spec.k * pre.shape[0]))
+        active = (positive >= cutoff) & (positive > 0)
+        return jnp.where(active, positive, 0.0), active, cutoff
+
     def loss(
         self, params: Params, buffers: Params, x: jax.Array, ctx: LossContext
     ) -> tuple[jax.Array, dict[str, Any]]:
         pre = common.pre_activations(params, x, self.matmul_dtype)
-        positive = jax.nn.relu(pre)
-        cutoff = jax.lax.stop_gradient(sparse_ops.kth_largest(positive, self.spec.k * x.shape[0]))
-        active = (positive >= cutoff) & (positive > 0)
-        latents = jnp.where(active, positive, 0.0)
+        latents, active, cutoff = self.select(pre)
         reconstruction = self.decode(params, latents)
         mse = common.squared_error(x, reconstruction)
         k_aux = aux_latents(self.spec.k_aux, self.d_model, self.d_sae)

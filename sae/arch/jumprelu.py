@@ -6,6 +6,11 @@ estimators with a rectangle kernel of width `bandwidth` around the threshold. Th
 learned as a log in float32 whatever the matmul dtype. `bandwidth` and the initial threshold
 are in the units of inputs normalised to mean norm sqrt(d_model): Gemma Scope's 0.001 on
 unit mean-squared-norm inputs is ~0.05 here.
+
+The sparsity loss follows SAELens' `jumprelu_sparsity_loss_mode`: L0 itself ("step",
+DeepMind), a quadratic pull toward `target_l0` ("quadratic", Gemma Scope 2) or a tanh of each
+latent's decoder-weighted activation ("tanh", Anthropic); Anthropic's pre-activation loss on
+dead latents can be added to any of them.
 """
 
 from __future__ import annotations
@@ -104,7 +109,37 @@ class JumpReluSAE(common.StandardDictionary):
         latents = jump_relu(pre, threshold, self.spec.jumprelu_bandwidth)
         reconstruction = self.decode(params, latents)
         mse = common.squared_error(x, reconstruction)
-        l0 = jnp.mean(jnp.sum(step_function(pre, threshold, self.spec.jumprelu_bandwidth), axis=-1))
-        parts = {"mse": mse, "l0_penalty": l0}
-        loss = mse + self.spec.sparsity_coefficient * ctx.sparsity_scale * l0
+        # Unit-norm rows in training; kept so the penalties read as SAELens writes them.
+        decoder_norms = jnp.linalg.norm(params["W_dec"], axis=1)
+        sparsity = self.sparsity_loss(pre, threshold, latents, decoder_norms)
+        parts = {"mse": mse, f"{self.spec.jumprelu_sparsity_loss_mode}_penalty": sparsity}
+        loss = mse + self.spec.sparsity_coefficient * ctx.sparsity_scale * sparsity
+        if self.spec.pre_act_loss_coefficient:
+            parts["pre_act_loss"] = pre_activation_loss(pre, threshold, ctx.dead, decoder_norms)
+            loss = loss + self.spec.pre_act_loss_coefficient * parts["pre_act_loss"]
         return loss, common.dense_outputs(reconstruction, latents != 0, parts)
+
+    def sparsity_loss(
+        self, pre: jax.Array, threshold: jax.Array, latents: jax.Array, decoder_norms: jax.Array
+    ) -> jax.Array:
+        """The per-token sparsity loss of `jumprelu_sparsity_loss_mode`, averaged over tokens
+        (before its coefficient)."""
+        mode = self.spec.jumprelu_sparsity_loss_mode
+        if mode == "tanh":
+            scaled = self.spec.jumprelu_tanh_scale * latents * decoder_norms
+            return jnp.mean(jnp.sum(jnp.tanh(scaled), axis=-1))
+        l0 = jnp.sum(step_function(pre, threshold, self.spec.jumprelu_bandwidth), axis=-1)
+        if mode == "quadratic":
+            target = self.spec.target_l0
+            return jnp.mean(2.0 / target * (l0 - target) ** 2)
+        return jnp.mean(l0)
+
+
+def pre_activation_loss(
+    pre: jax.Array, threshold: jax.Array, dead: jax.Array, decoder_norms: jax.Array
+) -> jax.Array:
+    """Anthropic's pre-activation loss, on dead latents only (as SAELens computes it): how far
+    below its threshold each dead latent's pre-activation sits, weighted by its decoder norm,
+    summed over latents and averaged over tokens. Zero while no latent is dead."""
+    gap = jax.nn.relu(threshold - pre) * jnp.where(dead, decoder_norms, 0.0)
+    return jnp.mean(jnp.sum(gap, axis=-1))

@@ -1,11 +1,16 @@
-"""Gemma Scope's published SAEs (`params.npz`) as our on-disk SAEs.
+"""Gemma Scope's published SAEs as our on-disk SAEs: Gemma Scope 1 (Gemma 2, `params.npz`)
+and Gemma Scope 2 (Gemma 3, a folder of `config.json` + `params.safetensors`).
 
-A Gemma Scope file holds W_enc [d_model, d_sae], W_dec [d_sae, d_model], b_enc [d_sae],
-b_dec [d_model] and threshold [d_sae] of a JumpReLU SAE on raw residual-stream activations
-(its normalisation is already folded in): latents = relu(pre) * (pre > threshold) with
-pre = x W_enc + b_enc, b_dec not subtracted from the input. It is written unchanged, as
-SAELens' own Gemma Scope loader describes it (jumprelu, apply_b_dec_to_input=false), and
-`saelens.load` folds b_dec into b_enc for our encoder.
+Both hold W_enc [d_model, d_sae], W_dec [d_sae, d_model], b_enc [d_sae], b_dec [d_model] and
+threshold [d_sae] of a JumpReLU SAE on raw residual-stream activations (its normalisation is
+already folded in): latents = relu(pre) * (pre > threshold) with pre = x W_enc + b_enc, b_dec
+not subtracted from the input. Gemma Scope 2 spells the keys in lowercase (w_enc, w_dec, ...)
+and its config.json says the architecture ("jump_relu") and the Hugging Face hook it reads
+(`model.layers.<n>.output` for the residual stream after block n). The weights are written
+unchanged, as SAELens' own Gemma Scope loaders describe them (jumprelu,
+apply_b_dec_to_input=false), and `saelens.load` folds b_dec into b_enc for our encoder.
+Gemma Scope 2's transcoders and its attention- and MLP-output SAEs read hooks other than the
+residual stream, which the report and steering do not tap: they are refused in one line.
 
 `import_sae` writes the SAE to <out>/<name> in the same format the train stage writes, and
 <out>/manifest.json lists it the way a train manifest lists trained SAEs, so the report stage
@@ -16,17 +21,27 @@ one <out> accumulate; a directory holding a real training run is refused.
 from __future__ import annotations
 
 import io
+import json
+import re
 import zipfile
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_safetensors
 
 from sae.errors import ConfigError, InputError
-from sae.io import manifest, presets, saelens, storage
+from sae.io import manifest, model_sources, presets, saelens, storage
 from sae.progress import log
 
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+# Gemma Scope 2's names of the same tensors.
+LOWERCASE_KEYS = {key.lower(): key for key in KEYS}
+GEMMA_SCOPE_2_PARAMS = "params.safetensors"
+GEMMA_SCOPE_2_CONFIG = "config.json"
+# The Hugging Face hook of the residual stream after block n, what our tap reads.
+RESIDUAL_HOOK = re.compile(r"model\.layers\.(\d+)\.output")
 # The length of the sequences Gemma Scope was trained on.
 CONTEXT_SIZE = 1024
 # The stage whose manifest imports write: what the report stage reads SAEs from.
@@ -42,6 +57,69 @@ class ImportRequest:
     name: str = ""
     # TransformerLens name for SAELens' metadata; empty: from the preset's shape.
     model_name: str = ""
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published SAE as read: its arrays under our key names, the file they came from, its
+    format's name, and the layer its config.json names (Gemma Scope 2), if any."""
+
+    params: dict[str, np.ndarray]
+    params_uri: str
+    format: str
+    layer: int | None = None
+
+
+def read_published(uri: str) -> Published:
+    """A Gemma Scope 1 params.npz, or a Gemma Scope 2 folder (or its params.safetensors)."""
+    if uri.endswith(".npz"):
+        return Published(read_params(uri), uri, "gemma-scope params.npz")
+    params_uri = uri if uri.endswith(".safetensors") else storage.join(uri, GEMMA_SCOPE_2_PARAMS)
+    if not storage.exists(params_uri):
+        raise InputError(
+            f"no Gemma Scope SAE at {uri} (expected a params.npz, or a Gemma Scope 2 folder "
+            f"holding {GEMMA_SCOPE_2_PARAMS})"
+        )
+    try:
+        raw = load_safetensors(storage.read_bytes(params_uri))
+    except (SafetensorError, ValueError, TypeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"{params_uri} is not a readable safetensors file ({reason})") from None
+    if "affine_skip_connection" in raw:
+        raise InputError(
+            f"{params_uri}: a skip transcoder (affine_skip_connection); only residual-stream "
+            "SAEs are imported"
+        )
+    params = {LOWERCASE_KEYS.get(key, key): value for key, value in raw.items()}
+    config_uri = storage.join(storage.parent(params_uri), GEMMA_SCOPE_2_CONFIG)
+    layer = _gemma_scope_2_layer(config_uri) if storage.exists(config_uri) else None
+    return Published(params, params_uri, "gemma-scope-2 params.safetensors", layer)
+
+
+def _gemma_scope_2_layer(config_uri: str) -> int | None:
+    """The residual-stream layer a Gemma Scope 2 config.json names; refuses other kinds."""
+    try:
+        cfg = json.loads(storage.read_text(config_uri))
+    except ValueError:
+        raise InputError(f"{config_uri} is not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{config_uri} must hold a JSON object")
+    if cfg.get("architecture", "jump_relu") != "jump_relu":
+        raise InputError(
+            f"{config_uri}: architecture {cfg.get('architecture')!r}, expected 'jump_relu'"
+        )
+    if cfg.get("hf_hook_point_out") or cfg.get("affine_connection"):
+        raise InputError(f"{config_uri}: a transcoder; only residual-stream SAEs are imported")
+    hook = cfg.get("hf_hook_point_in")
+    if hook is None:
+        return None
+    match = RESIDUAL_HOOK.fullmatch(str(hook))
+    if not match:
+        raise InputError(
+            f"{config_uri}: reads {hook}; only residual-stream SAEs "
+            "(model.layers.<n>.output) are imported"
+        )
+    return int(match.group(1))
 
 
 def read_params(uri: str) -> dict[str, np.ndarray]:
@@ -61,7 +139,7 @@ def check_params(params: dict[str, np.ndarray], where: str) -> tuple[int, int]:
     missing = [key for key in KEYS if key not in params]
     if missing:
         raise InputError(
-            f"{where}: missing {missing[0]!r} (a Gemma Scope params.npz holds {', '.join(KEYS)})"
+            f"{where}: missing {missing[0]!r} (a Gemma Scope SAE holds {', '.join(KEYS)})"
         )
     unexpected = sorted(set(params) - set(KEYS))
     if unexpected:
@@ -84,18 +162,23 @@ def check_model(request: ImportRequest, d_model: int) -> None:
     """The SAE must read the model it is imported for: its layer exists, its width fits."""
     if request.layer < 0:
         raise ConfigError(f"--layer must be non-negative, got {request.layer}")
-    if not storage.exists(storage.join(request.model_preset, "config.json")):
+    # A .gguf file, Hugging Face directory or hub handle is converted once (model_sources).
+    preset = model_sources.resolve(request.model_preset)
+    if not storage.exists(storage.join(preset, "config.json")):
         raise InputError(f"no keras-hub preset at {request.model_preset} (config.json not found)")
-    presets.check_layers(request.model_preset, [request.layer])
-    hidden = int(presets.backbone_config(request.model_preset)["hidden_dim"])
+    presets.check_layers(preset, [request.layer])
+    hidden = int(presets.backbone_config(preset)["hidden_dim"])
     saelens.check_model_dim({"d_in": d_model}, hidden, request.params_uri, request.model_preset)
 
 
-def build_config(request: ImportRequest, d_model: int, d_sae: int, name: str) -> dict[str, Any]:
+def build_config(
+    request: ImportRequest, published: Published, d_model: int, d_sae: int, name: str
+) -> dict[str, Any]:
     provenance = saelens.Provenance(
         layer=request.layer,
         model_preset=request.model_preset,
-        model_name=request.model_name or saelens.model_name(request.model_preset),
+        model_name=request.model_name
+        or saelens.model_name(model_sources.resolve(request.model_preset)),
         context_size=CONTEXT_SIZE,
         dataset_path=None,
         training_tokens=None,
@@ -109,9 +192,9 @@ def build_config(request: ImportRequest, d_model: int, d_sae: int, name: str) ->
         name=name,
         input_scale_folded=1.0,
         imported_from={
-            "format": "gemma-scope params.npz",
+            "format": published.format,
             "uri": request.params_uri,
-            "fingerprint": storage.fingerprint(request.params_uri),
+            "fingerprint": storage.fingerprint(published.params_uri),
         },
     )
 
@@ -127,14 +210,20 @@ class PreparedSae:
 
 def prepare(request: ImportRequest) -> PreparedSae:
     """Read and check everything (file, shapes, values, model); writes nothing."""
-    params = read_params(request.params_uri)
-    d_model, d_sae = check_params(params, request.params_uri)
+    published = read_published(request.params_uri)
+    params = published.params
+    if published.layer is not None and published.layer != request.layer:
+        raise ConfigError(
+            f"--layer {request.layer}, but {request.params_uri} reads layer {published.layer}"
+        )
+    d_model, d_sae = check_params(params, published.params_uri)
     check_model(request, d_model)
     name = request.name or default_name(request.layer, d_sae)
     if "/" in name or name in (".", ".."):
         raise ConfigError(f"--name must be a plain directory name, got {name!r}")
     weights = {key: np.asarray(params[key], np.float32) for key in KEYS}
-    return PreparedSae(name, build_config(request, d_model, d_sae, name), weights)
+    cfg = build_config(request, published, d_model, d_sae, name)
+    return PreparedSae(name, cfg, weights)
 
 
 def write(prepared: PreparedSae, out: str) -> list[str]:
@@ -150,8 +239,9 @@ def import_sae(
     name: str = "",
     model_name: str = "",
 ) -> str:
-    """Import the params.npz at `params_uri` (an SAE on residual-stream layer `layer` of the
-    keras-hub preset `model_preset`) into `out`; returns the SAE's directory, <out>/<name>.
+    """Import the Gemma Scope SAE at `params_uri` (a Gemma Scope 1 params.npz, or a Gemma
+    Scope 2 folder or its params.safetensors), on residual-stream layer `layer` of the
+    keras-hub preset `model_preset`, into `out`; returns the SAE's directory, <out>/<name>.
 
     `name` defaults to gemma-scope-L<layer>-<width>, `model_name` (SAELens' TransformerLens
     name) to one from the preset's shape. Everything is checked first; then the SAE's files

@@ -40,13 +40,19 @@ CONFIG_NAME = "cfg.json"
 SAE_LENS_VERSION = "6.0.0"
 # TransformerLens names of the Gemma checkpoints, by (num_layers, hidden_dim) of the
 # keras-hub backbone: what SAELens, SAEDashboard and Neuronpedia load the model by. Base and
-# instruction-tuned models share a shape; the base name is given.
+# instruction-tuned models share a shape; the base name is given. Gemma 3 as SAELens' Gemma
+# Scope 2 loader names it (the Hugging Face id).
 TRANSFORMER_LENS_NAMES: dict[tuple[int, int], str] = {
     (18, 2048): "gemma-2b",
     (28, 3072): "gemma-7b",
     (26, 2304): "gemma-2-2b",
     (42, 3584): "gemma-2-9b",
     (46, 4608): "gemma-2-27b",
+    (18, 640): "google/gemma-3-270m",
+    (26, 1152): "google/gemma-3-1b-pt",
+    (34, 2560): "google/gemma-3-4b-pt",
+    (48, 3840): "google/gemma-3-12b-pt",
+    (62, 5376): "google/gemma-3-27b-pt",
 }
 
 

@@ -32,7 +32,13 @@ class Trainer:
 
     `saes` are SaeSpec (the config's `train.saes` items); the keyword arguments are
     TrainConfig fields (`batch_size`, `seed`, `lr_warmup_steps`, `matmul_dtype`,
-    `mesh_data`, ...), checked like a config. The mesh defaults to every device."""
+    `mesh_data`, ...), checked like a config. The mesh defaults to every device.
+
+    Transcoders (`SaeSpec(kind="transcoder")` or "skip_transcoder") learn to map the
+    activations to `targets` (e.g. an MLP's input to its output):
+
+        tc = Trainer(saes=[SaeSpec(architecture="topk", kind="transcoder")], d_model=512)
+        (transcoder,) = tc.fit(mlp_in, steps=2000, targets=mlp_out)"""
 
     def __init__(self, saes: Sequence[SaeSpec], d_model: int, **train: Any) -> None:
         if "saes" in train or "steps" in train:
@@ -45,20 +51,31 @@ class Trainer:
         # What fit() logged: (step, metrics), every `log_every` steps.
         self.history: list[tuple[int, dict[str, float]]] = []
 
-    def fit(self, activations: Activations, steps: int, log_every: int = 100) -> list[Sae]:
+    def fit(
+        self,
+        activations: Activations,
+        steps: int,
+        log_every: int = 100,
+        targets: Activations | None = None,
+    ) -> list[Sae]:
         """Trains `steps` steps and returns the SAEs, in the order given, in raw activation
         units. `activations`: an array [tokens, d_model] in memory (batches drawn in a seeded
         random order, epochs repeating) or any iterator of [batch, d_model] arrays (one per
-        step)."""
+        step). `targets`: the transcoders' targets, row for row, in the same form (SAEs
+        ignore them)."""
         cfg = dataclasses.replace(self.train, steps=steps, log_every=log_every)
+        transcoders = [s.display_name() for s in cfg.saes if s.kind != "sae"]
+        if transcoders and targets is None:
+            raise ConfigError(f"{transcoders[0]} is a transcoder: fit() needs its targets")
         # Validated as a .npy run: in-memory rows are that source without the files.
         dataclasses.replace(cfg, source="npy", activations="(in memory)").validate()
         mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
         for index, spec in enumerate(cfg.saes):
             spec.check_against_model(f"saes[{index}]", self.d_model, mesh.devices.shape[1])
-        members = run.build_members(cfg, self.d_model, by_layer=False)
+        paired = targets is not None
+        members = run.build_members(cfg, self.d_model, by_layer=False, with_targets=paired)
         trainer = StepTrainer(members, mesh, cfg.dead_window_tokens)
-        rows = self._batches(activations, cfg)
+        rows = self._batches(activations, cfg, targets)
         first = next(rows, None)
         if first is None:
             raise InputError("no activations to fit on")
@@ -87,38 +104,73 @@ class Trainer:
             fitted.append(Sae.from_saved(weights, sae_cfg))
         return fitted
 
-    def _batches(self, activations: Activations, cfg: TrainConfig) -> Iterator[np.ndarray]:
+    def _batches(
+        self, activations: Activations, cfg: TrainConfig, targets: Activations | None
+    ) -> Iterator[np.ndarray]:
+        """Batches of rows: the activations, or [activations | targets] side by side."""
         if isinstance(activations, np.ndarray | jax.Array):
             array = self._checked(np.asarray(activations))
+            if targets is not None:
+                if not isinstance(targets, np.ndarray | jax.Array):
+                    raise InputError("targets must be an array when the activations are one")
+                paired = self._checked(np.asarray(targets), "targets")
+                if len(paired) != len(array):
+                    raise InputError(f"{len(paired)} target rows for {len(array)} activation rows")
+                array = np.concatenate([array, paired], axis=1)
             rows = activation_files.NpyRows.in_memory(array)
             return activation_files.random_batches(rows, cfg.batch_size, cfg.seed)
-        return (self._checked(np.asarray(batch, np.float32)) for batch in activations)
+        batches = (self._checked(np.asarray(batch, np.float32)) for batch in activations)
+        if targets is None:
+            return batches
+        if isinstance(targets, np.ndarray | jax.Array):
+            raise InputError("targets must be an iterator when the activations are one")
+        return (
+            self._paired(batch, np.asarray(target, np.float32))
+            for batch, target in zip(batches, targets, strict=False)
+        )
 
-    def _checked(self, batch: np.ndarray) -> np.ndarray:
+    def _paired(self, batch: np.ndarray, target: np.ndarray) -> np.ndarray:
+        target = self._checked(target, "targets")
+        if len(target) != len(batch):
+            raise InputError(f"a batch of {len(target)} targets for {len(batch)} activations")
+        return np.concatenate([batch, target], axis=1)
+
+    def _checked(self, batch: np.ndarray, what: str = "activations") -> np.ndarray:
         if batch.ndim != 2 or not len(batch):
-            raise InputError(f"activations of shape {batch.shape}; expected [tokens, d_model]")
-        self._check_width(batch.shape[1])
+            raise InputError(f"{what} of shape {batch.shape}; expected [tokens, d_model]")
+        self._check_width(batch.shape[1], what)
         if not np.isfinite(batch).all():
-            raise InputError("the activations hold NaN or infinite values")
+            raise InputError(f"the {what} hold NaN or infinite values")
         return batch
 
-    def _check_width(self, width: int) -> None:
+    def _check_width(self, width: int, what: str = "activations") -> None:
         if width != self.d_model:
-            raise InputError(
-                f"activations have width {width}; the Trainer's d_model is {self.d_model}"
-            )
+            raise InputError(f"{what} have width {width}; the Trainer's d_model is {self.d_model}")
 
 
 def evaluate(
-    saes: Sae | Sequence[Sae], activations: Activations, batch_size: int = 4096
+    saes: Sae | Sequence[Sae],
+    activations: Activations,
+    batch_size: int = 4096,
+    targets: Activations | None = None,
 ) -> list[dict[str, Any]]:
     """The report's held-out metrics (L0, fraction of variance explained, normalised MSE,
     dead and dense latents) of each SAE on activation rows [tokens, d_model] (an array or an
-    iterator of arrays): pass rows the SAEs were not trained on. One dict per SAE."""
+    iterator of arrays): pass rows the SAEs were not trained on. Transcoders are judged on
+    `targets` (row for row, in the same form). One dict per SAE."""
     saes = [saes] if isinstance(saes, Sae) else list(saes)
-    if isinstance(activations, np.ndarray | jax.Array):
-        array = np.asarray(activations)
-        activations = (array[i : i + batch_size] for i in range(0, len(array), batch_size))
+    if any(s.model.transcoder for s in saes) and targets is None:
+        raise ConfigError("evaluating a transcoder needs its targets")
+    batches: Iterable[Any] = _row_batches(activations, batch_size)
+    if targets is not None:
+        batches = zip(batches, _row_batches(targets, batch_size), strict=True)
     models = [evaluation.EvalModel(s.model, s.weights) for s in saes]
-    results = evaluation.evaluate_rows(models, activations)
+    results = evaluation.evaluate_rows(models, batches)
     return [result.metrics for result in results]
+
+
+def _row_batches(rows: Activations, batch_size: int) -> Iterable[np.ndarray]:
+    if isinstance(rows, np.ndarray | jax.Array):
+        array = np.asarray(rows)
+        return (array[i : i + batch_size] for i in range(0, len(array), batch_size))
+    return rows

@@ -167,10 +167,15 @@ OPTIONS = {
 }
 
 
-def _trained_weights(architecture: str, normalize_tokens: bool = False) -> tuple[object, dict]:
-    """An SAE as training leaves it: random non-trivial biases and thresholds."""
+def _trained_weights(
+    architecture: str, normalize_tokens: bool = False, kind: str = "sae"
+) -> tuple[object, dict]:
+    """An SAE as training leaves it: random non-trivial biases and thresholds (and a random
+    skip for a skip transcoder)."""
     options = OPTIONS.get(architecture, {})
-    spec = SaeSpec(architecture=architecture, normalize_tokens=normalize_tokens, **options)
+    spec = SaeSpec(
+        architecture=architecture, normalize_tokens=normalize_tokens, kind=kind, **options
+    )
     sae = arch.build(spec, D, d_sae=WIDTH)
     sample = jnp.asarray(_inputs(0) * SCALE)
     params = sae.init_params(jax.random.key(0), sample)
@@ -178,6 +183,8 @@ def _trained_weights(architecture: str, normalize_tokens: bool = False) -> tuple
     params["b_enc"] = jnp.asarray(rng.normal(size=WIDTH) * 0.3, jnp.float32)
     if "log_threshold" in params:
         params["log_threshold"] = jnp.asarray(np.log(rng.uniform(0.1, 0.6, WIDTH)), jnp.float32)
+    if "W_skip" in params:
+        params["W_skip"] = jnp.asarray(rng.normal(size=(D, D)) * 0.1, jnp.float32)
     buffers = {"threshold": jnp.float32(0.4)} if "threshold" in sae.init_buffers() else {}
     return sae, {**params, **buffers}
 
@@ -194,10 +201,10 @@ def _provenance(layer: int = 1) -> saelens.Provenance:
 
 
 def _export(
-    tmp_path: Path, architecture: str, normalize_tokens: bool = False
+    tmp_path: Path, architecture: str, normalize_tokens: bool = False, kind: str = "sae"
 ) -> tuple[Path, object, dict]:
     """What the train stage writes for one SAE (same calls as sae.training.run._export)."""
-    sae, weights = _trained_weights(architecture, normalize_tokens)
+    sae, weights = _trained_weights(architecture, normalize_tokens, kind)
     exported = jax.tree.map(np.asarray, sae.export_weights(weights))
     cfg = saelens.build_config(
         sae.export_config(),
@@ -208,7 +215,8 @@ def _export(
         name=architecture,
         input_scale_folded=SCALE,
     )
-    directory = tmp_path / (architecture + ("-layer-norm" if normalize_tokens else ""))
+    suffix = ("-layer-norm" if normalize_tokens else "") + ("" if kind == "sae" else f"-{kind}")
+    directory = tmp_path / (architecture + suffix)
     saelens.save(str(directory), saelens.fold_input_scale(exported, SCALE), cfg)
     return directory, sae, weights
 
@@ -638,15 +646,30 @@ loaded = {}
 for job in jobs:
     sae = SAE.load_from_disk(job["dir"])
     with torch.no_grad():
-        latents = sae.encode(torch.from_numpy(np.load(job["x"])))
-        reconstruction = sae.decode(latents)
+        x = torch.from_numpy(np.load(job["x"]))
+        latents = sae.encode(x)
+        reconstruction = sae(x)  # a skip transcoder's skip is in forward, not decode
     np.save(job["latents"], latents.numpy())
     np.save(job["reconstruction"], reconstruction.numpy())
     loaded[job["dir"]] = type(sae).__name__
 print(json.dumps(loaded))
 """
 
-SAELENS_CLASSES = {"standard": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSAE"}
+SAELENS_CLASSES = {
+    "standard": "StandardSAE",
+    "topk": "TopKSAE",
+    "jumprelu": "JumpReLUSAE",
+    "transcoder": "Transcoder",
+    "skip_transcoder": "SkipTranscoder",
+    "jumprelu_transcoder": "JumpReLUTranscoder",
+    "jumprelu_skip_transcoder": "JumpReLUSkipTranscoder",
+}
+# Every architecture as both transcoder kinds, except TopK: SAELens has no TopK transcoder.
+TRANSCODERS = [
+    (architecture, kind)
+    for architecture in ("batchtopk", "jumprelu", "matryoshka_batchtopk", "relu")
+    for kind in ("transcoder", "skip_transcoder")
+]
 
 
 def _saelens_python() -> str:
@@ -662,10 +685,21 @@ def _saelens_python() -> str:
     return str(python)
 
 
+def _decided(directory: Path, loaded, params, x: np.ndarray) -> np.ndarray:
+    """Entries away from the firing boundary; for transcoders (which SaeLensReference does
+    not model) from our own pre-activations, which SAELens computes the same way."""
+    if not loaded.transcoder:
+        return SaeLensReference.load_from_disk(directory).decided(x)
+    pre = np.asarray(loaded.pre_activations(params, jnp.asarray(x)), np.float64)
+    threshold = np.maximum(params["threshold"], 0.0) if "threshold" in params else 0.0
+    return np.abs(pre - threshold) > 1e-4
+
+
 def test_real_saelens_loads_our_exports(tmp_path):
-    """Every kind we export, with and without token standardisation, and Gemma Scope 1 and 2
-    imports: SAELens 6.54 loads each into the class its cfg.json names, and its encode and
-    decode of the same raw activations match ours to float32 tolerance."""
+    """Every kind we export, SAEs with and without token standardisation and transcoders
+    with and without a skip, and Gemma Scope 1 and 2 imports: SAELens 6.54 loads each into
+    the class its cfg.json names, and its encode and forward of the same raw activations match
+    ours to float32 tolerance."""
     python = _saelens_python()
     x = _inputs()
     np.save(tmp_path / "x.npy", x)
@@ -674,6 +708,7 @@ def test_real_saelens_loads_our_exports(tmp_path):
         for architecture in sorted(EXPECTED)
         for normalize_tokens in (False, True)
     ]
+    directories += [_export(tmp_path, arch_, kind=kind)[0] for arch_, kind in TRANSCODERS]
     np.savez(tmp_path / "params.npz", **_gemma_scope_params())
     preset = tmp_path / "preset"
     preset.mkdir()
@@ -699,6 +734,7 @@ def test_real_saelens_loads_our_exports(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     classes = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(classes.values()) == set(SAELENS_CLASSES.values())
     for directory in directories:
         cfg = json.loads((directory / "cfg.json").read_text())
         assert classes[str(directory)] == SAELENS_CLASSES[cfg["architecture"]], directory.name
@@ -706,7 +742,7 @@ def test_real_saelens_loads_our_exports(tmp_path):
         ours, reconstruction = token_norm.encode_decode(loaded, params, jnp.asarray(x))
         theirs = np.load(directory / "saelens-latents.npy")
         # Entries whose firing float32 rounding could flip are left out (under 1%).
-        decided = SaeLensReference.load_from_disk(directory).decided(x)
+        decided = _decided(directory, loaded, params, x)
         assert decided.mean() > 0.99 and np.count_nonzero(theirs) > 0, directory.name
         np.testing.assert_allclose(
             np.where(decided, ours, 0),

@@ -64,6 +64,8 @@ def _members(steps: int = 10) -> dict[str, Member]:
                 jumprelu_sparsity_loss_mode="quadratic",
                 target_l0=6.0,
                 pre_act_loss_coefficient=1e-3,
+                # High enough that some latents die within the test's few steps.
+                jumprelu_init_threshold=2.0,
             ),
             train,
             columns,

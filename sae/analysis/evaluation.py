@@ -43,9 +43,11 @@ class EvalResult:
 
 
 def _batch_statistics(sae: SparseAutoencoder, top_k: int):
-    def statistics(params, x, mask, stats, first_sequence, seq_len):
+    def statistics(params, x, target, mask, stats, first_sequence, seq_len):
         x = x.astype(jnp.float32)  # a bf16 model's activations: sums need float32
         latents, reconstruction = token_norm.encode_decode(sae, params, x)
+        # What the output is judged against: the input (an SAE) or a transcoder's target.
+        x = x if target is None else target.astype(jnp.float32)
         weight = mask.astype(jnp.float32)
         latents = latents * weight[:, None]
         active = latents > 0
@@ -67,16 +69,18 @@ def _batch_statistics(sae: SparseAutoencoder, top_k: int):
             "top_rows": top_rows,
         }, feature_stats.update(stats, latents, first_sequence, seq_len)
 
-    return jax.jit(statistics, static_argnums=5, donate_argnums=3)
+    return jax.jit(statistics, static_argnums=6, donate_argnums=4)
 
 
 @dataclass
 class EvalModel:
-    """One SAE to evaluate, and which tapped layer it reads."""
+    """One SAE to evaluate, and which tapped output it reads (and, a transcoder, which one
+    it predicts)."""
 
     sae: SparseAutoencoder
     params: dict[str, np.ndarray]
     layer_index: int = 0
+    target_index: int | None = None
 
 
 class _Accumulator:
@@ -98,11 +102,20 @@ class _Accumulator:
         self.top_refs = np.zeros((d_sae, top_k, 2), np.int64)
         self.stats = feature_stats.init_state(d_sae)
 
-    def add(self, activations: np.ndarray, mask: np.ndarray, first_sequence: int) -> None:
+    def add(
+        self,
+        activations: np.ndarray,
+        mask: np.ndarray,
+        first_sequence: int,
+        targets: np.ndarray | None = None,
+    ) -> None:
+        """One batch [sequences, positions, d_model]; `targets` (same shape) for a
+        transcoder."""
         _, seq_len, d_model = activations.shape
         out, self.stats = self.statistics(
             self.params,
             activations.reshape(-1, d_model),
+            None if targets is None else targets.reshape(-1, d_model),
             mask.reshape(-1),
             self.stats,
             np.int32(first_sequence),
@@ -188,7 +201,9 @@ def evaluate(
         outputs = tap(token_ids, lengths)
         first_sequence = len(kept)
         for accumulator in accumulators:
-            accumulator.add(outputs[accumulator.model.layer_index], mask, first_sequence)
+            model = accumulator.model
+            targets = None if model.target_index is None else outputs[model.target_index]
+            accumulator.add(outputs[model.layer_index], mask, first_sequence, targets)
         kept.extend(token_ids[i, : lengths[i]] for i in range(len(lengths)) if lengths[i] > 0)
         tokens += int(mask.sum())
         if progress is not None:
@@ -213,18 +228,24 @@ def _merge_top(
 
 
 def evaluate_rows(
-    models: list[EvalModel], batches: Iterable[np.ndarray], top_k: int = 8
+    models: list[EvalModel],
+    batches: Iterable[np.ndarray | tuple[np.ndarray, np.ndarray]],
+    top_k: int = 8,
 ) -> list[EvalResult]:
     """The same metrics and feature statistics on activation rows [tokens, d_model] in memory
     (no model, no text): each row is a sequence of one token, so top references are
-    (row, 0)."""
+    (row, 0). A batch may be a pair (inputs, targets): transcoders are judged on the
+    targets, SAEs on the inputs."""
     accumulators = [_Accumulator(model, top_k) for model in models]
     tokens = 0
     for batch in batches:
-        rows = np.asarray(batch, np.float32)[:, None, :]
+        inputs, targets = batch if isinstance(batch, tuple) else (batch, None)
+        rows = np.asarray(inputs, np.float32)[:, None, :]
+        paired = None if targets is None else np.asarray(targets, np.float32)[:, None, :]
         mask = np.ones(rows.shape[:2], bool)
         for accumulator in accumulators:
-            accumulator.add(rows, mask, tokens)
+            judged = paired if accumulator.model.sae.transcoder else None
+            accumulator.add(rows, mask, tokens, judged)
         tokens += len(rows)
     if not tokens:
         raise InputError("no activations to evaluate")

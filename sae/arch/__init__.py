@@ -27,6 +27,13 @@ INFERENCE_ARCHITECTURES: dict[str, type] = {
     "relu": ReluSAE,
     "topk": TopKSAE,
     "jumprelu": JumpReluSAE,
+    # Transcoders (SAELens' names; it has no TopK transcoder, those two are ours).
+    "transcoder": ReluSAE,
+    "skip_transcoder": ReluSAE,
+    "jumprelu_transcoder": JumpReluSAE,
+    "jumprelu_skip_transcoder": JumpReluSAE,
+    "topk_transcoder": TopKSAE,
+    "topk_skip_transcoder": TopKSAE,
 }
 
 

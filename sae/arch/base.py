@@ -36,9 +36,16 @@ class SparseAutoencoder(Protocol):
     # Inputs are standardised per token before encoding (sae.arch.token_norm); encode and decode
     # themselves work on the standardised inputs.
     normalize_tokens: bool
+    # A transcoder predicts another activation than its input (the MLP's output from its
+    # input), with an affine skip from input to output when `skip`.
+    transcoder: bool
+    skip: bool
 
-    def init_params(self, key: jax.Array, sample: jax.Array) -> Params:
-        """Initial parameters; `sample` is a first batch of (normalised) activations."""
+    def init_params(
+        self, key: jax.Array, sample: jax.Array, target: jax.Array | None = None
+    ) -> Params:
+        """Initial parameters; `sample` is a first batch of (normalised) inputs, `target`
+        their targets (a transcoder's; an SAE's are its inputs)."""
 
     def init_buffers(self) -> Params:
         """Initial non-trained state."""
@@ -50,13 +57,22 @@ class SparseAutoencoder(Protocol):
         """Inference latents [tokens, d_sae]."""
 
     def decode(self, weights: Params, latents: jax.Array) -> jax.Array:
-        """Reconstruction [tokens, d_model]."""
+        """latents @ W_dec + b_dec [tokens, d_model]."""
+
+    def output(self, weights: Params, x: jax.Array, latents: jax.Array) -> jax.Array:
+        """What the dictionary outputs for inputs x: decode(latents), plus a skip transcoder's
+        x @ W_skip.T: the SAE's reconstruction, or the transcoder's predicted target."""
 
     def loss(
-        self, params: Params, buffers: Params, x: jax.Array, ctx: LossContext
+        self,
+        params: Params,
+        buffers: Params,
+        x: jax.Array,
+        ctx: LossContext,
+        target: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
-        """Training loss and its outputs: `reconstruction`, `fire_counts` [d_sae], `l0`, and
-        the named loss parts under `parts`."""
+        """Training loss and its outputs: `reconstruction` (of `target`, default x),
+        `fire_counts` [d_sae], `l0`, and the named loss parts under `parts`."""
 
     def update_buffers(self, buffers: Params, outputs: dict[str, Any], step: jax.Array) -> Params:
         """Buffers after one training step."""

@@ -28,7 +28,11 @@ class BatchTopKSAE(common.StandardDictionary):
     unit_norm_decoder: ClassVar[bool] = True
 
     def export_config(self) -> dict[str, Any]:
-        return {"architecture": "jumprelu", "trained_as": self.architecture, "k": self.spec.k}
+        return {
+            "architecture": self.export_name("jumprelu"),
+            "trained_as": self.architecture,
+            "k": self.spec.k,
+        }
 
     def export_weights(self, weights: Params) -> Params:
         exported = {k: v for k, v in weights.items() if k != "threshold"}
@@ -42,7 +46,7 @@ class BatchTopKSAE(common.StandardDictionary):
         return {**common.STANDARD_SPECS, "threshold": ()}
 
     def encode(self, weights: Params, x: jax.Array) -> jax.Array:
-        pre = common.pre_activations(weights, x, self.matmul_dtype)
+        pre = self.pre_activations(weights, x)
         return jnp.where(pre > weights["threshold"], pre, 0.0)
 
     def select(self, pre: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -54,14 +58,20 @@ class BatchTopKSAE(common.StandardDictionary):
         return jnp.where(active, positive, 0.0), active, cutoff
 
     def loss(
-        self, params: Params, buffers: Params, x: jax.Array, ctx: LossContext
+        self,
+        params: Params,
+        buffers: Params,
+        x: jax.Array,
+        ctx: LossContext,
+        target: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
-        pre = common.pre_activations(params, x, self.matmul_dtype)
+        target = x if target is None else target
+        pre = self.pre_activations(params, x)
         latents, active, cutoff = self.select(pre)
-        reconstruction = self.decode(params, latents)
-        mse = common.squared_error(x, reconstruction)
+        reconstruction = self.output(params, x, latents)
+        mse = common.squared_error(target, reconstruction)
         k_aux = aux_latents(self.spec.k_aux, self.d_model, self.d_sae)
-        auxk = auxk_loss(params, x, reconstruction, pre, ctx.dead, k_aux, self.matmul_dtype)
+        auxk = auxk_loss(params, target, reconstruction, pre, ctx.dead, k_aux, self.matmul_dtype)
         outputs = common.dense_outputs(reconstruction, active, {"mse": mse, "auxk": auxk})
         return mse + self.spec.auxk_coefficient * auxk, {**outputs, "cutoff": cutoff}
 

@@ -1,4 +1,6 @@
-"""Building blocks the architectures share: initialisation, encoder matmul, losses."""
+"""Building blocks the architectures share: initialisation, encoder matmul, losses, and what
+makes any architecture a transcoder (no decoder bias subtracted from an input that lives in
+another space; an optional affine skip)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ STANDARD_SPECS: dict[str, tuple[str | None, ...]] = {
     "b_enc": (MODEL,),
     "W_dec": (MODEL, None),
     "b_dec": (),
+    # d_model x d_model, small next to the dictionary: replicated.
+    "W_skip": (),
 }
 
 
@@ -41,18 +45,70 @@ class StandardDictionary:
     @classmethod
     def from_export(cls, cfg: dict[str, Any]) -> Any:
         """The inference model a saved cfg.json describes."""
+        name = str(cfg["architecture"])
+        kind = "sae"
+        if name.endswith("transcoder"):
+            kind = "skip_transcoder" if name.endswith("skip_transcoder") else "transcoder"
         spec = SaeSpec(
             architecture=cls.architecture,  # type: ignore[attr-defined]
+            kind=kind,
             k=int(cfg.get("k", SaeSpec.k)),
             normalize_tokens=cfg.get("normalize_activations") == "layer_norm",
         )
         return cls(spec, d_model=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]))
 
+    @property
+    def transcoder(self) -> bool:
+        return self.spec.kind != "sae"
+
+    @property
+    def skip(self) -> bool:
+        return self.spec.kind == "skip_transcoder"
+
     def export_weights(self, weights: Params) -> Params:
         return dict(weights)
 
-    def init_params(self, key: jax.Array, sample: jax.Array) -> Params:
-        return init_weights(key, sample, self.d_sae, self.decoder_bias_init)
+    def export_name(self, saelens_name: str) -> str:
+        """The architecture name cfg.json gives this dictionary: SAELens' name for the SAE
+        (`standard`, `topk`, `jumprelu`), or for the transcoder of that kind
+        (`transcoder`, `jumprelu_skip_transcoder`, ...; `topk_transcoder` is ours, SAELens
+        has no TopK transcoder)."""
+        if not self.transcoder:
+            return saelens_name
+        prefix = "" if saelens_name == "standard" else f"{saelens_name}_"
+        return prefix + self.spec.kind
+
+    def init_params(
+        self, key: jax.Array, sample: jax.Array, target: jax.Array | None = None
+    ) -> Params:
+        """From a first batch of inputs and (transcoders) of their targets: the decoder bias
+        starts at the targets' mean (or geometric median); a skip starts at zero."""
+        target = sample if target is None else target
+        params = init_weights(key, target, self.d_sae, self.decoder_bias_init)
+        if sample.shape[-1] != target.shape[-1]:
+            raise ValueError("inputs and targets of different widths are not supported")
+        if self.skip:
+            params["W_skip"] = jnp.zeros((self.d_model, self.d_model), jnp.float32)
+        return params
+
+    def pre_activations(self, weights: Params, x: jax.Array) -> jax.Array:
+        """x @ W_enc + b_enc, with b_dec subtracted from x first for an SAE (SAELens'
+        apply_b_dec_to_input); a transcoder's b_dec lives in the output space."""
+        return pre_activations(weights, x, self.matmul_dtype, centre=not self.transcoder)
+
+    def skip_output(self, weights: Params, x: jax.Array) -> jax.Array | float:
+        """x @ W_skip.T for a skip transcoder (SAELens' layout, [d_out, d_in]); else 0."""
+        if not self.skip:
+            return 0.0
+        dtype = jnp.dtype(self.matmul_dtype)
+        return jnp.matmul(
+            x.astype(dtype), weights["W_skip"].T.astype(dtype), preferred_element_type=jnp.float32
+        )
+
+    def output(self, weights: Params, x: jax.Array, latents: jax.Array) -> jax.Array:
+        """The dictionary's output for inputs x with these latents: the reconstruction (an
+        SAE), or the predicted MLP output (a transcoder, skip included)."""
+        return self.decode(weights, latents) + self.skip_output(weights, x)
 
     def init_buffers(self) -> Params:
         return {}
@@ -114,10 +170,13 @@ def init_weights(
     }
 
 
-def pre_activations(weights: Params, x: jax.Array, matmul_dtype: str) -> jax.Array:
-    """(x - b_dec) @ W_enc + b_enc, with the matmul in `matmul_dtype` and fp32 accumulation."""
+def pre_activations(
+    weights: Params, x: jax.Array, matmul_dtype: str, centre: bool = True
+) -> jax.Array:
+    """(x - b_dec) @ W_enc + b_enc (x @ W_enc + b_enc without `centre`), with the matmul in
+    `matmul_dtype` and fp32 accumulation."""
     dtype = jnp.dtype(matmul_dtype)
-    centred = (x - weights["b_dec"]).astype(dtype)
+    centred = (x - weights["b_dec"] if centre else x).astype(dtype)
     pre = jnp.matmul(centred, weights["W_enc"].astype(dtype), preferred_element_type=jnp.float32)
     return pre + weights["b_enc"]
 

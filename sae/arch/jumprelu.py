@@ -75,15 +75,17 @@ class JumpReluSAE(common.StandardDictionary):
     unit_norm_decoder: ClassVar[bool] = True
 
     def export_config(self) -> dict[str, Any]:
-        return {"architecture": self.architecture, "trained_as": self.architecture}
+        return {"architecture": self.export_name("jumprelu"), "trained_as": self.architecture}
 
     def export_weights(self, weights: Params) -> Params:
         exported = {k: v for k, v in weights.items() if k != "log_threshold"}
         exported["threshold"] = self.thresholds(weights)
         return exported
 
-    def init_params(self, key: jax.Array, sample: jax.Array) -> Params:
-        params = common.init_weights(key, sample, self.d_sae, self.decoder_bias_init)
+    def init_params(
+        self, key: jax.Array, sample: jax.Array, target: jax.Array | None = None
+    ) -> Params:
+        params = super().init_params(key, sample, target)
         log_threshold = jnp.log(jnp.float32(self.spec.jumprelu_init_threshold))
         params["log_threshold"] = jnp.full((self.d_sae,), log_threshold, jnp.float32)
         return params
@@ -98,17 +100,23 @@ class JumpReluSAE(common.StandardDictionary):
         return jnp.exp(weights["log_threshold"])
 
     def encode(self, weights: Params, x: jax.Array) -> jax.Array:
-        pre = common.pre_activations(weights, x, self.matmul_dtype)
+        pre = self.pre_activations(weights, x)
         return jnp.where(pre > self.thresholds(weights), pre, 0.0)
 
     def loss(
-        self, params: Params, buffers: Params, x: jax.Array, ctx: LossContext
+        self,
+        params: Params,
+        buffers: Params,
+        x: jax.Array,
+        ctx: LossContext,
+        target: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
-        pre = common.pre_activations(params, x, self.matmul_dtype)
+        target = x if target is None else target
+        pre = self.pre_activations(params, x)
         threshold = jnp.exp(params["log_threshold"])
         latents = jump_relu(pre, threshold, self.spec.jumprelu_bandwidth)
-        reconstruction = self.decode(params, latents)
-        mse = common.squared_error(x, reconstruction)
+        reconstruction = self.output(params, x, latents)
+        mse = common.squared_error(target, reconstruction)
         # Unit-norm rows in training; kept so the penalties read as SAELens writes them.
         decoder_norms = jnp.linalg.norm(params["W_dec"], axis=1)
         sparsity = self.sparsity_loss(pre, threshold, latents, decoder_norms)

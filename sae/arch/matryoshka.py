@@ -51,11 +51,15 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         widths = self.spec.matryoshka_widths
         return list(zip((0, *widths[:-1]), widths, strict=True))
 
-    def prefix_reconstructions(self, params: Params, latents: jax.Array) -> list[jax.Array]:
-        """The reconstruction from each prefix of the latents, narrowest first; each level's
-        slice of the decoder is multiplied once, so all of them cost one full decode."""
+    def prefix_reconstructions(
+        self, params: Params, x: jax.Array, latents: jax.Array
+    ) -> list[jax.Array]:
+        """The output from each prefix of the latents, narrowest first (a transcoder's skip
+        in each); each level's slice of the decoder is multiplied once, so all of them cost
+        one full decode."""
         dtype = jnp.dtype(self.matmul_dtype)
-        reconstruction = jnp.broadcast_to(params["b_dec"], (latents.shape[0], self.d_model))
+        base = params["b_dec"] + self.skip_output(params, x)
+        reconstruction = jnp.broadcast_to(base, (latents.shape[0], self.d_model))
         reconstructions = []
         for start, stop in self.levels():
             reconstruction = reconstruction + jnp.matmul(
@@ -67,19 +71,25 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         return reconstructions
 
     def loss(
-        self, params: Params, buffers: Params, x: jax.Array, ctx: LossContext
+        self,
+        params: Params,
+        buffers: Params,
+        x: jax.Array,
+        ctx: LossContext,
+        target: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
-        pre = common.pre_activations(params, x, self.matmul_dtype)
+        target = x if target is None else target
+        pre = self.pre_activations(params, x)
         latents, active, cutoff = self.select(pre)
-        reconstructions = self.prefix_reconstructions(params, latents)
-        errors = [common.squared_error(x, r) for r in reconstructions]
+        reconstructions = self.prefix_reconstructions(params, x, latents)
+        errors = [common.squared_error(target, r) for r in reconstructions]
         k_aux = aux_latents(self.spec.k_aux, self.d_model, self.d_sae)
         if self.spec.use_matryoshka_aux_loss:
             latent = jnp.arange(self.d_sae)
             auxk = sum(
                 auxk_loss(
                     params,
-                    x,
+                    target,
                     level_reconstruction,
                     pre,
                     ctx.dead & (latent >= start) & (latent < stop),
@@ -93,7 +103,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             )
         else:
             auxk = auxk_loss(
-                params, x, reconstructions[-1], pre, ctx.dead, k_aux, self.matmul_dtype
+                params, target, reconstructions[-1], pre, ctx.dead, k_aux, self.matmul_dtype
             )
         parts = {"mse": errors[-1], "auxk": auxk}
         parts.update(

@@ -23,17 +23,23 @@ class ReluSAE(common.StandardDictionary):
 
     def export_config(self) -> dict[str, Any]:
         # SAELens calls a ReLU SAE "standard".
-        return {"architecture": "standard", "trained_as": self.architecture}
+        return {"architecture": self.export_name("standard"), "trained_as": self.architecture}
 
     def encode(self, weights: Params, x: jax.Array) -> jax.Array:
-        return jax.nn.relu(common.pre_activations(weights, x, self.matmul_dtype))
+        return jax.nn.relu(self.pre_activations(weights, x))
 
     def loss(
-        self, params: Params, buffers: Params, x: jax.Array, ctx: LossContext
+        self,
+        params: Params,
+        buffers: Params,
+        x: jax.Array,
+        ctx: LossContext,
+        target: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
+        target = x if target is None else target
         latents = self.encode(params, x)
-        reconstruction = self.decode(params, latents)
-        mse = common.squared_error(x, reconstruction)
+        reconstruction = self.output(params, x, latents)
+        mse = common.squared_error(target, reconstruction)
         decoder_norms = jnp.linalg.norm(params["W_dec"], axis=1)
         l1 = jnp.mean(jnp.sum(latents * decoder_norms, axis=-1))
         loss = mse + self.spec.sparsity_coefficient * ctx.sparsity_scale * l1

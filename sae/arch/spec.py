@@ -9,6 +9,8 @@ from typing import Literal
 from sae.errors import ConfigError
 
 Architecture = Literal["relu", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu"]
+# What a dictionary maps: its input to itself (an SAE), or the MLP's input to its output.
+Kind = Literal["sae", "transcoder", "skip_transcoder"]
 # Where the per-step sparsity pressure of a JumpReLU comes from (SAELens' names).
 JumpReluSparsityLossMode = Literal["step", "quadratic", "tanh"]
 
@@ -22,6 +24,12 @@ class SaeSpec:
     # Names the output directory sae/<name>; empty: derived from the settings below.
     name: str = ""
     architecture: Architecture = "relu"
+    # "sae" reconstructs the residual stream after block `layer`. A "transcoder" reads the
+    # input of that block's MLP (after its pre-MLP norm) and predicts the MLP's output (after
+    # its post-MLP norm, what the block adds to the residual stream), so its latents replace
+    # the MLP; a "skip_transcoder" adds a learned affine skip x @ W_skip.T (zero at start).
+    # Every architecture can be any kind.
+    kind: Kind = "sae"
     layer: int = 2
     # Dictionary width as a multiple of the model's hidden size.
     expansion_factor: int = 8
@@ -73,6 +81,10 @@ class SaeSpec:
     def display_name(self) -> str:
         if self.name:
             return self.name
+        kind = "" if self.kind == "sae" else f"{self.kind.replace('_', '-')}-"
+        return kind + self._architecture_name()
+
+    def _architecture_name(self) -> str:
         size = f"L{self.layer}-x{self.expansion_factor}"
         if self.architecture in ("topk", "batchtopk"):
             return f"{self.architecture}-{size}-k{self.k}"
@@ -113,6 +125,12 @@ class SaeSpec:
                 f"{prefix}.resample_every is for relu SAEs; {self.architecture} SAEs revive "
                 "dead latents otherwise (AuxK or the threshold)"
             )
+        if self.kind != "sae" and self.normalize_tokens:
+            # A transcoder's input is already normalised by the pre-MLP norm, and SAELens
+            # would map the output back with the input's statistics.
+            raise ConfigError(f"{prefix}.normalize_tokens is for SAEs, not {self.kind}s")
+        if self.kind != "sae" and self.resample_every:
+            raise ConfigError(f"{prefix}.resample_every is for SAEs, not {self.kind}s")
         self._validate_jumprelu(prefix)
         self._validate_matryoshka(prefix)
         if self.name and not all(c.isalnum() or c in "-_." for c in self.name):

@@ -34,10 +34,11 @@ def standardize(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 def encode_decode(
     sae: SparseAutoencoder, weights: Params, x: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """(latents, reconstruction) of raw activations, the reconstruction in raw units."""
+    """(latents, output) of raw activations, the output (an SAE's reconstruction, a
+    transcoder's prediction) in raw units."""
     if not sae.normalize_tokens:
         latents = sae.encode(weights, x)
-        return latents, sae.decode(weights, latents)
+        return latents, sae.output(weights, x, latents)
     standardized, mean, deviation = standardize(x)
     latents = sae.encode(weights, standardized)
     return latents, sae.decode(weights, latents) * deviation + mean

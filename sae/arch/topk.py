@@ -25,7 +25,7 @@ class TopKSAE(common.StandardDictionary):
     def export_config(self) -> dict[str, Any]:
         # Selection on the plain pre-activations (the decoder rows are unit norm in training).
         return {
-            "architecture": self.architecture,
+            "architecture": self.export_name("topk"),
             "trained_as": self.architecture,
             "k": self.spec.k,
             "rescale_acts_by_decoder_norm": False,
@@ -33,7 +33,7 @@ class TopKSAE(common.StandardDictionary):
 
     def select(self, weights: Params, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(pre-activations, relu'd top-k values, their latent indices)."""
-        pre = common.pre_activations(weights, x, self.matmul_dtype)
+        pre = self.pre_activations(weights, x)
         values, indices = sparse_ops.top_k(pre, self.spec.k)
         return pre, jax.nn.relu(values), indices
 
@@ -42,14 +42,21 @@ class TopKSAE(common.StandardDictionary):
         return sparse_ops.dense_from_sparse(values, indices, self.d_sae)
 
     def loss(
-        self, params: Params, buffers: Params, x: jax.Array, ctx: LossContext
+        self,
+        params: Params,
+        buffers: Params,
+        x: jax.Array,
+        ctx: LossContext,
+        target: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
+        target = x if target is None else target
         pre, values, indices = self.select(params, x)
         w_dec = params["W_dec"].astype(self.matmul_dtype)
-        reconstruction = sparse_ops.sparse_decode(values, indices, w_dec) + params["b_dec"]
-        mse = common.squared_error(x, reconstruction)
+        decoded = sparse_ops.sparse_decode(values, indices, w_dec) + params["b_dec"]
+        reconstruction = decoded + self.skip_output(params, x)
+        mse = common.squared_error(target, reconstruction)
         k_aux = aux_latents(self.spec.k_aux, self.d_model, self.d_sae)
-        auxk = auxk_loss(params, x, reconstruction, pre, ctx.dead, k_aux, self.matmul_dtype)
+        auxk = auxk_loss(params, target, reconstruction, pre, ctx.dead, k_aux, self.matmul_dtype)
         active = values > 0
         return mse + self.spec.auxk_coefficient * auxk, {
             "reconstruction": reconstruction,

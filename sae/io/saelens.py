@@ -12,6 +12,13 @@ reshape_activations, topk's k and rescale_acts_by_decoder_norm, and `metadata` w
 sae_lens_version >= 6 so SAELens reads it as v6 without conversion) next to our own keys
 (layer, model_preset, hook_name, training_tokens, trained_as, ...), which SAELens ignores.
 
+Transcoders are saved as SAELens saves them: `transcoder`, `skip_transcoder`,
+`jumprelu_transcoder` or `jumprelu_skip_transcoder` (TopK ones as `topk_transcoder` and
+`topk_skip_transcoder`, which SAELens lacks), with `d_out`, apply_b_dec_to_input=false (b_dec
+is in the output space), `W_skip` [d_out, d_in] for the skip kinds, the input hook
+`blocks.<n>.ln2.hook_normalized` (the MLP's input after its norm) and `hook_name_out`
+`blocks.<n>.hook_mlp_out`. Their input and output scales are folded separately.
+
 `load` also reads SAELens v6 files we did not write: it folds what our encoder does not do
 itself (apply_b_dec_to_input=false, as in Gemma Scope; TopK's decoder-norm rescaling) into
 the weights, so every consumer gets the same inference form.
@@ -76,6 +83,17 @@ def hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
+def transcoder_hook_names(layer: int) -> tuple[str, str]:
+    """TransformerLens' names of a transcoder's input, the MLP's input after the pre-MLP norm
+    (keras-hub's `pre_ffw_norm` output), and its output, the MLP's output after the post-MLP
+    norm (`post_ffw_norm`): what the block adds to the residual stream."""
+    return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
+
+
+def is_transcoder(architecture: str) -> bool:
+    return architecture.endswith("transcoder")
+
+
 def model_name(preset_uri: str) -> str | None:
     """The TransformerLens name of the preset's model when it is a known Gemma shape, else
     the preset's directory name; None when there is no readable preset."""
@@ -98,9 +116,23 @@ def build_config(
     """cfg.json of an SAE whose weights are in raw activation units (scale folded in).
 
     `architecture_cfg` is the architecture's `export_config()`; `extra` adds our own keys."""
-    hook = hook_name(provenance.layer)
+    hook, hook_out = hook_name(provenance.layer), None
+    transcoder: dict[str, Any] = {}
+    if is_transcoder(architecture_cfg["architecture"]):
+        hook, hook_out = transcoder_hook_names(provenance.layer)
+        apply_b_dec_to_input = False  # SAELens' transcoders refuse anything else
+        transcoder = {
+            "d_out": int(d_in),
+            "hook_name_out": hook_out,
+            "keras_hub_hooks": [
+                f"decoder_block_{provenance.layer}.pre_ffw_norm",
+                f"decoder_block_{provenance.layer}.post_ffw_norm",
+            ],
+        }
+    metadata_out = {"hook_name_out": hook_out} if hook_out else {}
     return {
         **architecture_cfg,
+        **transcoder,
         "d_in": int(d_in),
         "d_sae": int(d_sae),
         "dtype": "float32",
@@ -115,6 +147,7 @@ def build_config(
             "model_name": provenance.model_name,
             "model_class_name": "HookedTransformer",
             "hook_name": hook,
+            **metadata_out,
             "hook_head_index": None,
             "context_size": provenance.context_size,
             "prepend_bos": provenance.prepend_bos,
@@ -130,25 +163,35 @@ def build_config(
     }
 
 
-def fold_input_scale(params: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
-    """Pre-activations are unchanged by the fold, so thresholds (JumpReLU) stay as they are."""
+def fold_input_scale(
+    params: dict[str, np.ndarray], scale: float, output_scale: float | None = None
+) -> dict[str, np.ndarray]:
+    """Weights that read and write raw units, from ones trained on inputs times `scale` and
+    (a transcoder's) targets times `output_scale` (default: `scale`). Pre-activations are
+    unchanged by the fold, so thresholds (JumpReLU) stay as they are."""
+    output_scale = scale if output_scale is None else output_scale
     folded = dict(params)
     folded["W_enc"] = params["W_enc"] * scale
-    folded["W_dec"] = params["W_dec"] / scale
-    folded["b_dec"] = params["b_dec"] / scale
+    folded["W_dec"] = params["W_dec"] / output_scale
+    folded["b_dec"] = params["b_dec"] / output_scale
+    if "W_skip" in params:
+        folded["W_skip"] = params["W_skip"] * (scale / output_scale)
     return {k: np.asarray(v, np.float32) for k, v in folded.items()}
 
 
 def weight_shapes(d_in: int, d_sae: int, architecture: str) -> dict[str, tuple[int, ...]]:
-    """The tensors an exported SAE of `architecture` holds, and their shapes."""
+    """The tensors an exported SAE of `architecture` (cfg.json's name) holds, and their
+    shapes (transcoders here have d_out = d_in)."""
     shapes = {
         "W_enc": (d_in, d_sae),
         "W_dec": (d_sae, d_in),
         "b_enc": (d_sae,),
         "b_dec": (d_in,),
     }
-    if architecture == "jumprelu":
+    if architecture.startswith("jumprelu"):
         shapes["threshold"] = (d_sae,)
+    if "skip_transcoder" in architecture:
+        shapes["W_skip"] = (d_in, d_in)
     return shapes
 
 
@@ -200,8 +243,7 @@ def load(directory_uri: str) -> tuple[SparseAutoencoder, dict[str, np.ndarray], 
     if not storage.exists(weights_uri):
         raise InputError(f"no SAE weights at {weights_uri}")
     params = load_safetensors(storage.read_bytes(weights_uri))
-    architecture = "jumprelu" if cfg["architecture"] == "jumprelu" else "standard"
-    check_weights(params, int(cfg["d_in"]), int(cfg["d_sae"]), architecture, weights_uri)
+    check_weights(params, int(cfg["d_in"]), int(cfg["d_sae"]), cfg["architecture"], weights_uri)
     return _inference(params, cfg)
 
 
@@ -229,6 +271,11 @@ def _check_config(cfg: dict[str, Any], config_uri: str) -> None:
         )
     if (cfg.get("reshape_activations") or "none") != "none":
         raise InputError(f"{config_uri}: reshape_activations must be 'none'")
+    if is_transcoder(cfg["architecture"]) and cfg.get("d_out", cfg["d_in"]) != cfg["d_in"]:
+        raise InputError(
+            f"{config_uri}: a transcoder from width {cfg['d_in']} to {cfg.get('d_out')}; "
+            "only transcoders that keep the width (MLP input to MLP output) are supported"
+        )
 
 
 def to_inference_form(
@@ -238,7 +285,8 @@ def to_inference_form(
     subtraction, TopK's decoder-norm rescaling, and JumpReLU's ReLU before the threshold."""
     params = {k: np.asarray(v, np.float32) for k, v in params.items()}
     cfg = dict(cfg)
-    if not cfg.get("apply_b_dec_to_input", True):
+    # A transcoder's b_dec is in the output space: its encoder never subtracts it.
+    if not cfg.get("apply_b_dec_to_input", True) and not is_transcoder(cfg["architecture"]):
         # (x - b_dec) W_enc + b_enc' = x W_enc + b_enc  when  b_enc' = b_enc + b_dec W_enc.
         shift = params["b_dec"].astype(np.float64) @ params["W_enc"].astype(np.float64)
         params["b_enc"] = (params["b_enc"] + shift).astype(np.float32)

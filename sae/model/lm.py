@@ -4,14 +4,15 @@ The tap is a functional sub-model ending at `decoder_block_<i>`, so blocks after
 tapped layer are never computed; it runs as one jitted pure function (`stateless_call`) with
 weights replicated and the batch split over the mesh's data axis. For running the model in
 pieces (an SAE spliced in at one layer), `bound_weights` and the block functions call the
-backbone's own layers one by one as a pure function of its weights.
+backbone's own layers one by one as a pure function of its weights, and `mlp_hook` reads (or
+replaces) a block's MLP input and output inside it, for transcoders.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -78,11 +79,7 @@ def run_to_layer(
 ) -> jax.Array:
     """The residual stream after `decoder_block_<layer>` (what ActivationTap reads), computed
     as GemmaBackbone and Gemma3Backbone do: scaled token embedding, then blocks 0..layer."""
-    from keras import ops
-
-    x = backbone.token_embedding(token_ids)
-    x = x * ops.cast(ops.sqrt(backbone.hidden_dim), x.dtype)
-    return run_blocks(backbone, x, padding_mask, 0, layer + 1)
+    return run_blocks(backbone, embed(backbone, token_ids), padding_mask, 0, layer + 1)
 
 
 def run_blocks(
@@ -92,6 +89,62 @@ def run_blocks(
     for block in backbone.transformer_layers[start:stop]:
         x = block(x, padding_mask=padding_mask)
     return x
+
+
+def embed(backbone: Any, token_ids: jax.Array) -> jax.Array:
+    """The scaled token embedding: the residual stream entering block 0."""
+    from keras import ops
+
+    x = backbone.token_embedding(token_ids)
+    return x * ops.cast(ops.sqrt(backbone.hidden_dim), x.dtype)
+
+
+def mlp_layers(block: Any) -> tuple[Any, Any]:
+    """The sublayers of a Gemma decoder block whose outputs are its MLP's input and output:
+    the pre-MLP norm, and the post-MLP norm (the feed-forward's last projection when the
+    block has none, as in Gemma 1). The block adds the second to the residual stream."""
+    output = block.post_ffw_norm if getattr(block, "use_post_ffw_norm", False) else None
+    return block.pre_ffw_norm, output or block.ffw_linear
+
+
+MlpReplacement = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@contextlib.contextmanager
+def mlp_hook(block: Any, replace: MlpReplacement | None = None) -> Iterator[dict[str, jax.Array]]:
+    """Inside, calling `block` records its MLP's input and output (see `mlp_layers`) under
+    "mlp_in" and "mlp_out" of the yielded dict; with `replace`, the block continues with
+    replace(mlp_in, mlp_out) as the MLP's output (a transcoder spliced in). The block's own
+    code runs unchanged: only those two sublayers' calls are wrapped, and restored after."""
+    captured: dict[str, jax.Array] = {}
+    first, last = mlp_layers(block)
+    first_call, last_call = first.call, last.call
+
+    def record_input(*args: Any, **kwargs: Any) -> jax.Array:
+        captured["mlp_in"] = first_call(*args, **kwargs)
+        return captured["mlp_in"]
+
+    def record_output(*args: Any, **kwargs: Any) -> jax.Array:
+        out = last_call(*args, **kwargs)
+        captured["mlp_out"] = out
+        return out if replace is None else replace(captured["mlp_in"], out).astype(out.dtype)
+
+    first.call, last.call = record_input, record_output
+    try:
+        yield captured
+    finally:
+        del first.call, last.call
+
+
+def run_to_mlp(
+    backbone: Any, token_ids: jax.Array, padding_mask: jax.Array, layer: int
+) -> tuple[jax.Array, jax.Array]:
+    """(MLP input, MLP output) of block `layer`, [batch, seq, hidden] each: what a
+    transcoder at that layer reads and predicts."""
+    x = run_blocks(backbone, embed(backbone, token_ids), padding_mask, 0, layer)
+    with mlp_hook(backbone.transformer_layers[layer]) as captured:
+        backbone.transformer_layers[layer](x, padding_mask=padding_mask)
+    return captured["mlp_in"], captured["mlp_out"]
 
 
 def final_logits(backbone: Any, x: jax.Array) -> jax.Array:

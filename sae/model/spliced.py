@@ -1,10 +1,13 @@
 """Spliced metrics: the language model's next-token loss with an SAE's reconstruction put in
-place of the activation it reads (REFERENCE "Metric definitions"; SAELens' names).
+place of the activation it reads (REFERENCE "Metric definitions"; SAELens' names), or with a
+transcoder's prediction put in place of the MLP output it learned (site "mlp_out").
 
 One jitted function per tapped layer runs the model once up to `decoder_block_<layer>`, then
 the remaining blocks, final norm and tied-embedding logits (with Gemma 2's final soft-cap) on
 several residual streams: clean, zero-ablated, optionally mean-ablated (the activation's mean
-over training tokens), and each SAE's reconstruction. Shapes are fixed
+over training tokens), and each SAE's reconstruction. At the "mlp_out" site block `layer`
+itself runs once per path, its MLP output replaced (zeros, the mean MLP output, each
+transcoder's prediction from the MLP's input; sae.model.lm.mlp_hook). Shapes are fixed
 (every batch padded to the same size), so it compiles once.
 
 Which positions:
@@ -124,10 +127,16 @@ class SplicedLoss:
         mesh: Mesh,
         bos_id: int,
         mean: np.ndarray | None = None,
+        site: str = "resid_post",
     ) -> None:
-        """`mean`: the activation's mean over training tokens, for a mean-ablated path."""
+        """`mean`: the activation's mean over training tokens, for a mean-ablated path.
+        `site`: "resid_post" (SAEs: the residual stream after the block) or "mlp_out"
+        (transcoders: the block's MLP output, predicted from its input)."""
         lm.check_gemma(backbone)
+        if site not in ("resid_post", "mlp_out"):
+            raise ValueError(f"unknown splice site {site!r}")
         self.backbone, self.layer, self.mesh, self.bos_id = backbone, layer, mesh, bos_id
+        self.site = site
         self.mean_ablation = mean is not None
         if mean is not None:
             models = [mean_model(np.asarray(mean, np.float32)), *models]
@@ -144,24 +153,49 @@ class SplicedLoss:
             out_shardings=replicated,
         )
 
+    def _substitutes(self, params, read: jax.Array) -> list[jax.Array]:
+        """The activations each path puts in place of `read` (clean, zeros, then each model's
+        from `read` itself; a transcoder's from the MLP input, passed as `read`)."""
+        flat = read.astype(jnp.float32).reshape(-1, read.shape[-1])
+        return [
+            reconstruct(p, flat).reshape(read.shape)
+            for reconstruct, p in zip(self.reconstructs, params, strict=True)
+        ]
+
+    def _residual_paths(self, params, token_ids, padding_mask, keep) -> list[jax.Array]:
+        """Each path's residual stream after block `layer`, its SAE substituted there."""
+        tapped = lm.run_to_layer(self.backbone, token_ids, padding_mask, self.layer)
+        streams = [tapped, jnp.zeros_like(tapped), *self._substitutes(params, tapped)]
+        return [jnp.where(keep, s.astype(tapped.dtype), tapped) for s in streams]
+
+    def _mlp_paths(self, params, token_ids, padding_mask, keep) -> list[jax.Array]:
+        """Each path's residual stream after block `layer`, the block re-run with its MLP
+        output replaced where `keep` (clean: itself)."""
+        backbone, block = self.backbone, self.backbone.transformer_layers[self.layer]
+        entering = lm.run_blocks(
+            backbone, lm.embed(backbone, token_ids), padding_mask, 0, self.layer
+        )
+        with lm.mlp_hook(block) as captured:
+            clean = block(entering, padding_mask=padding_mask)
+        mlp_in, mlp_out = captured["mlp_in"], captured["mlp_out"]
+        outputs = [jnp.zeros_like(mlp_out), *self._substitutes(params, mlp_in)]
+        paths = [clean]
+        for out in outputs:
+            with lm.mlp_hook(block, lambda _, original, o=out: jnp.where(keep, o, original)):
+                paths.append(block(entering, padding_mask=padding_mask))
+        return paths
+
     def _batch_sums(self, weights, params, token_ids, padding_mask, substitute):
         backbone = self.backbone
+        keep = substitute[..., None]
         with lm.bound_weights(backbone, weights):
-            tapped = lm.run_to_layer(backbone, token_ids, padding_mask, self.layer)
-            streams = [tapped, jnp.zeros_like(tapped)]
-            flat = tapped.astype(jnp.float32).reshape(-1, tapped.shape[-1])
-            for reconstruct, p in zip(self.reconstructs, params, strict=True):
-                streams.append(reconstruct(p, flat).reshape(tapped.shape).astype(tapped.dtype))
-            keep = substitute[..., None]
+            paths = self._mlp_paths if self.site == "mlp_out" else self._residual_paths
+            streams = paths(params, token_ids, padding_mask, keep)
             # Every path, clean included, runs the same blocks so they differ only in the splice.
             finals = jnp.stack(
                 [
                     lm.run_blocks(
-                        backbone,
-                        jnp.where(keep, stream, tapped),
-                        padding_mask,
-                        self.layer + 1,
-                        backbone.num_layers,
+                        backbone, stream, padding_mask, self.layer + 1, backbone.num_layers
                     )
                     for stream in streams
                 ]

@@ -194,6 +194,12 @@ def _warm_started(
 
 def train(config: PipelineConfig, force: bool = False) -> bool:
     cfg = config.train
+    for index, spec in enumerate(cfg.saes):
+        if spec.kind != "sae":
+            raise ConfigError(
+                f"train.saes[{index}] is a {spec.kind}: the train stage taps the residual "
+                "stream only; train transcoders with sae.Trainer.fit(mlp_in, targets=mlp_out)"
+            )
     source = batches.open_source(config)
     mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
     _check_mesh(cfg, mesh, source.d_model)
@@ -212,11 +218,17 @@ def train(config: PipelineConfig, force: bool = False) -> bool:
     )
 
 
-def build_members(cfg: TrainConfig, d_model: int, by_layer: bool) -> dict[str, Member]:
-    """The run's SAEs; with `by_layer`, each reads its layer's slice of a multi-layer row."""
+def build_members(
+    cfg: TrainConfig, d_model: int, by_layer: bool, with_targets: bool = False
+) -> dict[str, Member]:
+    """The run's SAEs; with `by_layer`, each reads its layer's slice of a multi-layer row.
+    With `with_targets`, rows are [inputs | targets] and transcoders learn the targets."""
     members = {}
     for sae_cfg in cfg.saes:
         column = cfg.layers.index(sae_cfg.layer) if by_layer else 0
+        targets = None
+        if with_targets and sae_cfg.kind != "sae":
+            targets = (d_model, 2 * d_model)
         members[sae_cfg.display_name()] = Member(
             sae=arch.build(
                 sae_cfg,
@@ -226,6 +238,7 @@ def build_members(cfg: TrainConfig, d_model: int, by_layer: bool) -> dict[str, M
             ),
             train=cfg,
             columns=(column * d_model, (column + 1) * d_model),
+            target_columns=targets,
         )
     return members
 
@@ -371,7 +384,9 @@ def exported(member: Member, state: TrainState, provenance: saelens.Provenance, 
     as saved in SAELens' format; `extra` adds keys to cfg.json. Every host must call it."""
     sae = member.sae
     weights = to_host(sae.export_weights({**state.params, **state.buffers}))
-    scale = float(state.input_scale)
+    scale, output_scale = float(state.input_scale), float(state.target_scale)
+    if sae.transcoder:
+        extra = {**extra, "output_scale_folded": output_scale}
     cfg = saelens.build_config(
         sae.export_config(),
         sae.d_model,
@@ -382,7 +397,7 @@ def exported(member: Member, state: TrainState, provenance: saelens.Provenance, 
         training_config=dataclasses.asdict(sae.spec),
         **extra,
     )
-    return saelens.fold_input_scale(weights, scale), cfg
+    return saelens.fold_input_scale(weights, scale, output_scale), cfg
 
 
 def _export(

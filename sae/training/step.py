@@ -44,6 +44,8 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data, so it checkpoints like any array
     # Multiplier that brings raw activations to mean norm sqrt(d_model); fixed at init.
     input_scale: jax.Array
+    # The same for a transcoder's targets (its input scale for an SAE).
+    target_scale: jax.Array
     # Tokens seen since each latent last fired: dead-latent tracking over a token window.
     tokens_since_fired: jax.Array
     # Running firing frequency per latent over about one window: dense-latent tracking.
@@ -59,6 +61,8 @@ class Member:
     train: TrainConfig
     # Which columns of a batch row are this SAE's input (its layer's slice).
     columns: tuple[int, int] = (0, -1)
+    # A transcoder's: which columns are its target (the MLP output's slice).
+    target_columns: tuple[int, int] | None = None
 
     @property
     def optimizer(self) -> optax.GradientTransformation:
@@ -71,11 +75,21 @@ class Member:
     def input_of(self, batch: Any) -> Any:
         """This SAE's columns of a batch, standardised per token if it trains so (before
         the input scale, which is then ~1)."""
-        start, stop = self.columns
-        rows = batch[:, start:] if stop == -1 else batch[:, start:stop]
+        rows = _columns(batch, self.columns)
         if self.sae.normalize_tokens:
             return token_norm.standardize(rows.astype(jnp.float32))[0]
         return rows
+
+    def target_of(self, batch: Any) -> Any:
+        """What the SAE learns to output: a transcoder's target columns, else its input."""
+        if self.target_columns is None:
+            return self.input_of(batch)
+        return _columns(batch, self.target_columns)
+
+
+def _columns(batch: Any, columns: tuple[int, int]) -> Any:
+    start, stop = columns
+    return batch[:, start:] if stop == -1 else batch[:, start:stop]
 
 
 def input_scale(sample: np.ndarray) -> float:
@@ -134,9 +148,17 @@ class StepTrainer:
 
     # --- state -------------------------------------------------------------------------
 
-    def _fresh_state(self, name: str, key: jax.Array, sample: jax.Array, scale: jax.Array):
+    def _fresh_state(
+        self,
+        name: str,
+        key: jax.Array,
+        sample: jax.Array,
+        scale: jax.Array,
+        target: jax.Array,
+        target_scale: jax.Array,
+    ):
         member = self.members[name]
-        params = member.sae.init_params(key, sample * scale)
+        params = member.sae.init_params(key, sample * scale, target * target_scale)
         return TrainState(
             params=params,
             buffers=member.sae.init_buffers(),
@@ -144,6 +166,7 @@ class StepTrainer:
             step=jnp.zeros((), jnp.int32),
             rng=jax.random.key_data(jax.random.fold_in(key, 1)),
             input_scale=jnp.asarray(scale, jnp.float32),
+            target_scale=jnp.asarray(target_scale, jnp.float32),
             tokens_since_fired=jnp.zeros((member.sae.d_sae,), jnp.float32),
             fire_rate=jnp.zeros((member.sae.d_sae,), jnp.float32),
         )
@@ -154,7 +177,7 @@ class StepTrainer:
             sample = jax.ShapeDtypeStruct((1, member.sae.d_model), jnp.float32)
             scale = jax.ShapeDtypeStruct((), jnp.float32)
             states[name] = jax.eval_shape(
-                lambda x, s, n=name, i=index: self._fresh_state(n, jax.random.key(i), x, s),
+                lambda x, s, n=name, i=index: self._fresh_state(n, jax.random.key(i), x, s, x, s),
                 sample,
                 scale,
             )
@@ -183,14 +206,20 @@ class StepTrainer:
         states = {}
         for index, (name, member) in enumerate(self.members.items()):
             rows = np.asarray(member.input_of(jnp.asarray(sample, jnp.float32)))
-            scale = input_scale(rows)
+            targets = np.asarray(member.target_of(jnp.asarray(sample, jnp.float32)))
             key = jax.random.fold_in(jax.random.key(seed), index)
             with jax.set_mesh(self.mesh):
                 init = jax.jit(
-                    lambda k, x, s, n=name: self._fresh_state(n, k, x, s),
+                    lambda k, x, s, t, ts, n=name: self._fresh_state(n, k, x, s, t, ts),
                     out_shardings=self.state_sharding[name],
                 )
-                states[name] = init(key, jnp.asarray(rows), jnp.float32(scale))
+                states[name] = init(
+                    key,
+                    jnp.asarray(rows),
+                    jnp.float32(input_scale(rows)),
+                    jnp.asarray(targets),
+                    jnp.float32(input_scale(targets)),
+                )
         return states
 
     # --- step --------------------------------------------------------------------------
@@ -231,11 +260,14 @@ class StepTrainer:
         new_states, metrics = {}, {}
         for name, member in self.members.items():
             x = member.input_of(batch) * states[name].input_scale
-            new_states[name], member_metrics = self._member_step(name, states[name], x)
+            target = x
+            if member.target_columns is not None:
+                target = member.target_of(batch) * states[name].target_scale
+            new_states[name], member_metrics = self._member_step(name, states[name], x, target)
             metrics.update({f"{name}/{k}": v for k, v in member_metrics.items()})
         return new_states, metrics
 
-    def _member_step(self, name: str, state: TrainState, x: jax.Array):
+    def _member_step(self, name: str, state: TrainState, x: jax.Array, target: jax.Array):
         member, sae = self.members[name], self.members[name].sae
         tokens = x.shape[0]
         # Linear ramp of the sparsity penalty (ReLU's L1, JumpReLU's L0) from 0.
@@ -245,7 +277,7 @@ class StepTrainer:
             dead=state.tokens_since_fired >= self.dead_window_tokens,
         )
         (loss, out), grads = jax.value_and_grad(sae.loss, has_aux=True)(
-            state.params, state.buffers, x, ctx
+            state.params, state.buffers, x, ctx, target
         )
         if sae.unit_norm_decoder:
             grads = {
@@ -280,7 +312,7 @@ class StepTrainer:
             "loss": loss,
             **out["parts"],
             "l0": out["l0"],
-            "fve": fraction_variance_explained(x, out["reconstruction"]),
+            "fve": fraction_variance_explained(target, out["reconstruction"]),
             "dead_fraction": jnp.mean(dead),
             "dense_fraction": jnp.mean(fire_rate > DENSE_THRESHOLD),
             "grad_norm": optax.global_norm(grads),
@@ -293,6 +325,7 @@ class StepTrainer:
             step=state.step + 1,
             rng=jax.random.key_data(key),
             input_scale=state.input_scale,
+            target_scale=state.target_scale,
             tokens_since_fired=tokens_since_fired,
             fire_rate=fire_rate,
         )

@@ -73,7 +73,7 @@ class Trainer:
         for index, spec in enumerate(cfg.saes):
             spec.check_against_model(f"saes[{index}]", self.d_model, mesh.devices.shape[1])
         paired = targets is not None
-        members = run.build_members(cfg, self.d_model, by_layer=False, with_targets=paired)
+        members = run.build_members(cfg, self.d_model, by_site=False, with_targets=paired)
         trainer = StepTrainer(members, mesh, cfg.dead_window_tokens)
         rows = self._batches(activations, cfg, targets)
         first = next(rows, None)

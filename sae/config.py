@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sae.arch.spec import SaeSpec
+from sae.arch.spec import SaeSpec, Site
 from sae.errors import ConfigError
 from sae.io import model_sources, storage
 
@@ -229,15 +229,24 @@ class TrainConfig:
 
     @property
     def layers(self) -> list[int]:
-        """The distinct layers the SAEs read, in order: the columns of an activation row."""
+        """The distinct layers the SAEs read, in order."""
         return sorted({sae.layer for sae in self.saes})
+
+    @property
+    def sites(self) -> list[Site]:
+        """The distinct sites the SAEs read and transcoders predict, in the model's order:
+        the columns of an activation row, d_model each."""
+        found = {sae.input_site for sae in self.saes}
+        found |= {sae.target_site for sae in self.saes if sae.target_site is not None}
+        return sorted(found)
 
 
 @dataclass
 class ExtractConfig:
     """The train split's activations, computed once into a store that many runs can read."""
 
-    # Layers to store; empty: the layers the train section's SAEs read.
+    # Residual-stream layers to store; empty: the sites the train section's SAEs read (the
+    # MLP inputs and outputs of its transcoders included).
     layers: list[int] = field(default_factory=list)
     # Sequences per language-model forward pass on each host (split over that host's devices
     # on the mesh's data axis).
@@ -357,8 +366,10 @@ class PipelineConfig:
         return storage.join(self.workdir, "activations")
 
     @property
-    def extract_layers(self) -> list[int]:
-        return sorted(set(self.extract.layers)) or self.train.layers
+    def extract_sites(self) -> list[Site]:
+        if self.extract.layers:
+            return [Site(layer) for layer in sorted(set(self.extract.layers))]
+        return self.train.sites
 
     @property
     def sae_uri(self) -> str:

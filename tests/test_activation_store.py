@@ -97,7 +97,9 @@ def test_bfloat16_store_keeps_bf16_precision(tmp_path):
 
 def test_missing_layer_is_a_one_line_error(tmp_path):
     _write(str(tmp_path / "store"), [_rows(50, 0)])
-    with pytest.raises(InputError, match=r"has layers \[1, 3\], not \[2\]"):
+    with pytest.raises(
+        InputError, match=r"has resid_post.1, resid_post.3, not resid_post.2: extract them first"
+    ):
         activation_store.StoreRows(str(tmp_path / "store"), [2], [{"rows": 50, "layers": LAYERS}])
 
 

@@ -74,8 +74,8 @@ def test_store_holds_the_streamed_activations_and_trains(
         ids, lengths = token_shards.read_shard(uri)
         expected += int(activations.content_mask(ids, lengths, tokens["tokenizer"]["bos_id"]).sum())
     assert store["counts"]["tokens"] == expected
-    assert store["layers"] == [0, 1] and store["d_model"] == 64
-    assert set(store["mean_norm"]) == {"0", "1"}
+    assert store["sites"] == ["resid_post.0", "resid_post.1"] and store["d_model"] == 64
+    assert set(store["mean_norm"]) == {"resid_post.0", "resid_post.1"}
 
     # The first rows are the first sequences' activations at both layers, side by side.
     token_ids, lengths = first_batch
@@ -102,5 +102,5 @@ def test_training_from_a_store_without_the_layer_is_refused(local_run, tmp_path,
     assert manifest.read(str(tmp_path / "activations"))["counts"]["tokens"] == 600
     assert main(["train", *args, "train.source=store"]) == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "has layers [0], not [1]: extract them first" in message
+    assert "has resid_post.0, not resid_post.1: extract them first" in message
     assert not (tmp_path / "sae").exists()

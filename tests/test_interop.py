@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import sae as sae_api
 from jobs import import_sae
 from sae import arch
 from sae.arch import ARCHITECTURES, SaeSpec, token_norm
@@ -483,6 +484,42 @@ def test_gemma_scope_2_import_encodes_as_its_jumprelu(local_run, tmp_path):
     assert load_file(str(again / name / "sae_weights.safetensors")).keys() == stored.keys()
 
 
+def _gemma_scope_2_transcoder(folder: Path, seed: int = 7) -> tuple[Path, dict]:
+    """A Gemma Scope 2 skip transcoder of block 1's MLP, as published."""
+    params = _gemma_scope_params(seed=seed)
+    skip = (np.random.default_rng(seed).normal(size=(D, D)) * 0.1).astype(np.float32)
+    published = {**params, "affine_skip_connection": skip}  # [d_in, d_out]
+    _gemma_scope_2_folder(
+        folder,
+        published,
+        "model.layers.1.pre_feedforward_layernorm.output",
+        hf_hook_point_out="model.layers.1.post_feedforward_layernorm.output",
+        affine_connection=True,
+    )
+    return folder, published
+
+
+def test_gemma_scope_2_transcoder_imports_as_a_jumprelu_skip_transcoder(local_run, tmp_path):
+    folder, published = _gemma_scope_2_transcoder(tmp_path / "transcoder_all" / "layer_1")
+    out = tmp_path / "sae"
+    import_sae.main(_import_args(folder, local_run / "model", out))
+    name = "gemma-scope-skip-transcoder-L1-256"
+    cfg = json.loads((out / name / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu_skip_transcoder" and cfg["d_out"] == D
+    assert cfg["hook_name_out"] == "blocks.1.hook_mlp_out"
+    loaded = sae_api.load_sae(str(out / name))
+    x = _inputs()
+    pre = x.astype(np.float64) @ published["W_enc"] + published["b_enc"]
+    latents = np.maximum(pre, 0) * (pre > published["threshold"])
+    expected = latents @ published["W_dec"] + published["b_dec"]
+    expected += x @ published["affine_skip_connection"]
+    decided = np.all(np.abs(pre - published["threshold"]) > 1e-4, axis=1)
+    assert decided.mean() > 0.5
+    np.testing.assert_allclose(
+        loaded.reconstruct(x)[decided], expected[decided], rtol=1e-4, atol=1e-4
+    )
+
+
 def test_bad_gemma_scope_2_folders_are_refused_in_one_line(local_run, tmp_path):
     params = _gemma_scope_params()
     preset, out = local_run / "model", tmp_path / "sae"
@@ -500,14 +537,20 @@ def test_bad_gemma_scope_2_folders_are_refused_in_one_line(local_run, tmp_path):
             ),
             "reads model.layers.1.self_attn.o_proj.input; only residual-stream SAEs",
         ),
-        "transcoder": (
+        "transcoder across blocks": (
             _gemma_scope_2_folder(
                 tmp_path / "tc",
                 params,
                 "model.layers.1.pre_feedforward_layernorm.output",
-                hf_hook_point_out="model.layers.1.post_feedforward_layernorm.output",
+                hf_hook_point_out="model.layers.2.post_feedforward_layernorm.output",
             ),
-            "a transcoder; only residual-stream SAEs are imported",
+            "only transcoders from a block's pre_feedforward_layernorm.output to its",
+        ),
+        "skip on a residual SAE": (
+            _gemma_scope_2_folder(
+                tmp_path / "skip", {**params, "affine_skip_connection": np.eye(D, dtype=np.float32)}
+            ),
+            "affine_skip_connection in a residual-stream SAE",
         ),
         "other architecture": (
             _gemma_scope_2_folder(tmp_path / "topk", params, architecture="topk"),
@@ -697,7 +740,8 @@ def _decided(directory: Path, loaded, params, x: np.ndarray) -> np.ndarray:
 
 def test_real_saelens_loads_our_exports(tmp_path):
     """Every kind we export, SAEs with and without token standardisation and transcoders
-    with and without a skip, and Gemma Scope 1 and 2 imports: SAELens 6.54 loads each into
+    with and without a skip, and Gemma Scope 1 and 2 imports (a Gemma Scope 2 skip
+    transcoder among them): SAELens 6.54 loads each into
     the class its cfg.json names, and its encode and forward of the same raw activations match
     ours to float32 tolerance."""
     python = _saelens_python()
@@ -720,6 +764,9 @@ def test_real_saelens_loads_our_exports(tmp_path):
         _import_args(folder, preset, tmp_path / "imported", layer=1) + ["--name", "gs2"]
     )
     directories.append(tmp_path / "imported" / "gs2")
+    folder, _ = _gemma_scope_2_transcoder(tmp_path / "gs2-transcoder" / "layer_1")
+    import_sae.main(_import_args(folder, preset, tmp_path / "imported") + ["--name", "gs2-tc"])
+    directories.append(tmp_path / "imported" / "gs2-tc")
     jobs = [
         {
             "dir": str(d),

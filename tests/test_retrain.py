@@ -141,7 +141,7 @@ def test_warm_start_begins_at_the_previous_final_weights(history):
     """The states a warm start trains from, in exported form, are run 1's exported SAEs."""
     base, (run1, _, _) = history["base"], history["runs"]
     config = load(None, [f"workdir={base / 'runs' / run1}", *SMALL, *FAST])
-    members = training_run.build_members(config.train, 64, by_layer=True)
+    members = training_run.build_members(config.train, 64, by_site=True)
     trainer = StepTrainer(members, sharding.make_mesh(-1, 1), config.train.dead_window_tokens)
     sample = np.random.default_rng(0).normal(size=(256, 64)).astype(np.float32)
     fresh = trainer.init_state(1, sample)
@@ -313,7 +313,7 @@ def test_warm_start_from_gcs(history, gcs_bucket_uri):
     config.train.init_from = remote_sae
     warm = training_run.warm_start_source(config, 64)
     assert warm == training_run.WarmStart(remote_sae, 40)
-    members = training_run.build_members(config.train, 64, by_layer=True)
+    members = training_run.build_members(config.train, 64, by_site=True)
     trainer = StepTrainer(members, sharding.make_mesh(-1, 1), config.train.dead_window_tokens)
     fresh = trainer.init_state(1, np.ones((256, 64), np.float32))
     started = training_run._warm_started(trainer, fresh, warm)

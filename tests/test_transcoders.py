@@ -16,6 +16,7 @@ import pytest
 import sae
 from sae import SaeSpec, arch, sharding
 from sae.arch import token_norm
+from sae.arch.spec import Site
 from sae.data import activations, token_shards
 from sae.errors import ConfigError
 from sae.io import manifest, saelens
@@ -246,3 +247,69 @@ def test_a_transcoder_replaces_the_tiny_models_mlp(model, local_run):
     recovered = [plain["ce_loss_recovered"], skip["ce_loss_recovered"]]
     print(json.dumps({"fve": fve, "l0": [m["l0"] for m in metrics], "recovered": recovered}))
     assert recovered[0] >= 0.9 and recovered[1] >= recovered[0] - 0.01, recovered
+
+
+@pytest.mark.slow
+def test_the_tap_reads_mlp_sites_beside_the_residual_stream(model, local_run):
+    """The block-by-block tap (MLP sites) gives the keras sub-model's residual stream and
+    `run_to_mlp`'s MLP input and output."""
+    tokens = manifest.read(str(local_run / "tokens"))
+    token_ids, lengths = next(
+        activations.sequence_batches(token_shards.iter_sequences(tokens["shards"]["eval"]), 8)
+    )
+    mesh = sharding.make_mesh()
+    sites = [Site(LAYER, "mlp_in"), Site(LAYER, "mlp_out"), Site(LAYER)]
+    mlp_in, mlp_out, resid = lm.ActivationTap(model, sites, mesh)(token_ids, lengths)
+    (plain,) = lm.ActivationTap(model, [LAYER], mesh)(token_ids, lengths)
+    mask = np.arange(token_ids.shape[1])[None, :] < lengths[:, None]
+
+    def both(weights):
+        with lm.bound_weights(model, weights):
+            return lm.run_to_mlp(model, token_ids, mask.astype(np.int32), LAYER)
+
+    want_in, want_out = jax.jit(both)(lm.backbone_weights(model))
+    real = mask[..., None]
+    for got, want in ((resid, plain), (mlp_in, want_in), (mlp_out, want_out)):
+        np.testing.assert_allclose(
+            np.where(real, np.asarray(got), 0), np.where(real, np.asarray(want), 0), atol=1e-5
+        )
+
+
+@pytest.mark.slow
+def test_the_pipeline_extracts_trains_and_reports_a_transcoder(local_run, tmp_path):
+    """extract stores the MLP sites beside the residual stream, train learns a skip
+    transcoder and an SAE from the store in one pass, and report evaluates the transcoder on
+    held-out MLP outputs and splices it in place of the MLP."""
+    from jobs.cli import main
+
+    from .conftest import reuse_run
+
+    workdir = tmp_path / "run"
+    overrides = [
+        *reuse_run(local_run, workdir),
+        "train.saes=[{architecture: topk, kind: skip_transcoder, layer: 1, k: 16, "
+        "expansion_factor: 4}, {architecture: topk, layer: 1, k: 16, expansion_factor: 4}]",
+        "train.source=store",
+        "report.num_steering=2",
+    ]
+    assert main(["extract", *overrides]) == 0
+    store = manifest.read(str(workdir / "activations"))
+    assert store["sites"] == ["mlp_in.1", "mlp_out.1", "resid_post.1"]
+    assert main(["train", *overrides]) == 0
+    name = "skip-transcoder-topk-L1-x4-k16"
+    cfg = json.loads((workdir / "sae" / name / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk_skip_transcoder" and cfg["d_out"] == cfg["d_in"]
+    assert cfg["hook_name"] == "blocks.1.ln2.hook_normalized"
+    assert cfg["hook_name_out"] == "blocks.1.hook_mlp_out"
+    assert main(["report", *overrides]) == 0
+    metrics = json.loads((workdir / "report" / "metrics.json").read_text())["saes"]
+    transcoder, sae_metrics = metrics[name], metrics["topk-L1-x4-k16"]
+    # Judged on the MLP output it predicts, spliced in place of the MLP; 60 steps train it
+    # only part way (the quality bar is the test above).
+    assert transcoder["fraction_variance_explained"] > 0.3
+    assert 0.2 < transcoder["ce_loss_recovered"] <= 1.0
+    # Zeroing one MLP's output costs far less than zeroing the whole residual stream.
+    clean = transcoder["ce_loss_clean"]
+    assert clean == sae_metrics["ce_loss_clean"]
+    assert clean < transcoder["ce_loss_zero_ablation"] < sae_metrics["ce_loss_zero_ablation"]
+    assert (workdir / "report" / name / "steering" / "vectors.safetensors").exists()

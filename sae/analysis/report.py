@@ -19,6 +19,7 @@ from sae.analysis import (
     report_html,
     steering,
 )
+from sae.arch.spec import Site
 from sae.config import PipelineConfig
 from sae.data.activations import content_mask, sequence_batches
 from sae.data.token_shards import iter_sequences
@@ -93,17 +94,20 @@ def _load_saes(config: PipelineConfig, train_manifest: dict) -> tuple[dict[str, 
 def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str]) -> StageOutput:
     cfg, output = config.report, config.report_uri
     saes, preset = _load_saes(config, manifest.require(config.sae_uri, "train"))
-    layers = sorted({sae_cfg["layer"] for _, _, sae_cfg in saes.values()})
+    read = [saelens.sites(sae_cfg) for _, _, sae_cfg in saes.values()]
+    sites = sorted({site for pair in read for site in pair if site is not None})
     mesh = sharding.make_mesh(config.train.mesh_data, 1)
     backbone = lm.load_backbone(preset, config.model.dtype)
     if cfg.spliced_sequences:
         # Before the long evaluation, not after it.
         lm.check_gemma(backbone, "; set report.spliced_sequences=0 to skip the spliced metrics")
-    tap = lm.ActivationTap(backbone, layers, mesh)
+    tap = lm.ActivationTap(backbone, sites, mesh)
     bos_id = tokens_manifest["tokenizer"]["bos_id"]
     models = [
-        evaluation.EvalModel(sae, params, layers.index(sae_cfg["layer"]))
-        for sae, params, sae_cfg in saes.values()
+        evaluation.EvalModel(
+            sae, params, sites.index(source), None if target is None else sites.index(target)
+        )
+        for (sae, params, _), (source, target) in zip(saes.values(), read, strict=True)
     ]
     progress = Progress("report", planned_tokens(cfg.eval_tokens, tokens_manifest))
     results = evaluation.evaluate(
@@ -167,10 +171,10 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
 
 def _training_means(
     tap: lm.ActivationTap, sequences, config: PipelineConfig, bos_id: int
-) -> dict[int, np.ndarray]:
-    """Each tapped layer's mean activation over the first `report.mean_ablation_tokens`
+) -> dict[Site, np.ndarray]:
+    """Each tapped site's mean activation over the first `report.mean_ablation_tokens`
     content tokens of the training split (BOS and padding left out, as in training)."""
-    sums = [np.zeros(tap.hidden_dim) for _ in tap.layers]
+    sums = [np.zeros(tap.hidden_dim) for _ in tap.sites]
     tokens = 0
     for token_ids, lengths in sequence_batches(sequences, config.train.lm_batch_size):
         mask = content_mask(token_ids, lengths, bos_id)
@@ -181,7 +185,7 @@ def _training_means(
             break
     if not tokens:
         raise InputError("no training tokens to average for the mean-ablation baseline")
-    return {layer: total / tokens for layer, total in zip(tap.layers, sums, strict=True)}
+    return {site: total / tokens for site, total in zip(tap.sites, sums, strict=True)}
 
 
 def _add_spliced_metrics(
@@ -192,19 +196,23 @@ def _add_spliced_metrics(
     eval_shards: list[str],
     bos_id: int,
     mesh: Mesh,
-    means: dict[int, np.ndarray],
+    means: dict[Site, np.ndarray],
 ) -> None:
-    """CE loss recovered, delta LM loss and KL of every SAE, one model pass per layer for all
-    the SAEs reading it, on the first `report.spliced_sequences` held-out sequences."""
-    by_layer: dict[int, list[int]] = {}
+    """CE loss recovered, delta LM loss and KL of every SAE, one model pass per spliced site
+    for all the SAEs writing it (SAEs: the residual stream after their layer; transcoders:
+    that block's MLP output), on the first `report.spliced_sequences` held-out sequences."""
+    by_site: dict[Site, list[int]] = {}
     for i, (_, _, sae_cfg) in enumerate(saes.values()):
-        by_layer.setdefault(sae_cfg["layer"], []).append(i)
+        source, target = saelens.sites(sae_cfg)
+        by_site.setdefault(target or source, []).append(i)
     entries = list(saes.values())
     count = config.report.spliced_sequences
-    for layer, indices in sorted(by_layer.items()):
+    for site, indices in sorted(by_site.items()):
         models = [spliced.sae_model(entries[i][0], entries[i][1]) for i in indices]
-        loss = spliced.SplicedLoss(backbone, layer, models, mesh, bos_id, means.get(layer))
-        progress = Progress(f"report spliced L{layer}", count, unit="seq")
+        loss = spliced.SplicedLoss(
+            backbone, site.layer, models, mesh, bos_id, means.get(site), site.point
+        )
+        progress = Progress(f"report spliced {site.label}", count, unit="seq")
         sums = spliced.evaluate_spliced(
             loss, iter_sequences(eval_shards), config.train.lm_batch_size, count, progress
         )

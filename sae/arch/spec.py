@@ -15,6 +15,42 @@ Kind = Literal["sae", "transcoder", "skip_transcoder"]
 JumpReluSparsityLossMode = Literal["step", "quadratic", "tanh"]
 
 
+# Where in a block activations are read, in the order a block computes them.
+SITE_POINTS = ("mlp_in", "mlp_out", "resid_post")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place activations are read: the residual stream after block `layer` (what SAEs
+    read), or the input (after the pre-MLP norm) or output (after the post-MLP norm) of that
+    block's MLP (what transcoders read and predict). Sites sort in the order the model
+    computes them."""
+
+    layer: int
+    point: str = "resid_post"
+
+    def __post_init__(self) -> None:
+        if self.point not in SITE_POINTS:
+            raise ValueError(f"unknown site point {self.point!r}")
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return self.layer, SITE_POINTS.index(self.point)
+
+    def __lt__(self, other: Site) -> bool:  # type: ignore[override]
+        return self.order < other.order
+
+    @property
+    def label(self) -> str:
+        """How manifests and messages name it: `resid_post.12`, `mlp_in.3`."""
+        return f"{self.point}.{self.layer}"
+
+    @classmethod
+    def parse(cls, label: str) -> Site:
+        point, _, layer = label.rpartition(".")
+        return cls(int(layer), point)
+
+
 @dataclass(frozen=True)
 class SaeSpec:
     """One SAE: its architecture, size and sparsity settings. The config's `train.saes` items,
@@ -73,6 +109,16 @@ class SaeSpec:
     def __post_init__(self) -> None:
         # YAML gives a list; a tuple keeps the spec hashable and immutable.
         object.__setattr__(self, "matryoshka_widths", tuple(self.matryoshka_widths))
+
+    @property
+    def input_site(self) -> Site:
+        """Where it reads: the residual stream after `layer`, or that block's MLP input."""
+        return Site(self.layer, "resid_post" if self.kind == "sae" else "mlp_in")
+
+    @property
+    def target_site(self) -> Site | None:
+        """What a transcoder predicts (that block's MLP output); None for an SAE."""
+        return None if self.kind == "sae" else Site(self.layer, "mlp_out")
 
     def width(self, d_model: int) -> int:
         """Latents of the dictionary on a model of hidden size `d_model`."""

@@ -1,11 +1,12 @@
-"""The activation store: extracted residual-stream rows cached on disk or GCS for many runs.
+"""The activation store: extracted activation rows cached on disk or GCS for many runs.
 
-Layout under the store's URI: one part per writing host, one zarr v3 array per tapped layer
+Layout under the store's URI: one part per writing host, one zarr v3 array per tapped site
 (written through tensorstore, bf16 by default, chunked by rows), and the extract stage's
 manifest last:
 
-    part-00000/layer_12/zarr.json, c/...      [rows, d_model]
-    part-00000/rows.json                      rows and norm sums of this part (written last)
+    part-00000/layer_12/zarr.json, c/...      [rows, d_model] residual stream after block 12
+    part-00000/mlp_in_12/..., mlp_out_12/...  block 12's MLP input and output (transcoders)
+    part-00000/rows.json                      rows, sites and norm sums of this part (last)
     manifest.json
 
 Reading visits the chunks of all parts in a seeded random order, a window of chunks at a
@@ -24,6 +25,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from sae.arch.spec import Site
 from sae.errors import InputError
 from sae.io import manifest, storage
 
@@ -35,8 +37,21 @@ def part_uri(store_uri: str, part: int) -> str:
     return storage.join(store_uri, f"part-{part:05d}")
 
 
-def layer_uri(part: str, layer: int) -> str:
-    return storage.join(part, f"layer_{layer:02d}")
+def as_sites(sites: Sequence[int | Site]) -> list[Site]:
+    """Sites, where a bare layer index means the residual stream after that block."""
+    return [site if isinstance(site, Site) else Site(int(site)) for site in sites]
+
+
+def site_uri(part: str, site: Site) -> str:
+    name = "layer" if site.point == "resid_post" else site.point
+    return storage.join(part, f"{name}_{site.layer:02d}")
+
+
+def record_sites(record: dict) -> list[str]:
+    """The site labels a part's record holds (stores written before sites: `layers`)."""
+    if "sites" in record:
+        return list(record["sites"])
+    return [Site(int(layer)).label for layer in record["layers"]]
 
 
 def _spec(uri: str) -> dict[str, object]:
@@ -81,7 +96,7 @@ class _RowQueue:
 
 
 class PartWriter:
-    """Appends rows [n, layers * d_model] (the layers side by side) to one part of a store.
+    """Appends rows [n, sites * d_model] (the sites side by side) to one part of a store.
 
     Rows are buffered to whole chunks and each chunk is written asynchronously, so the model
     keeps running while tensorstore uploads. `capacity` is an upper bound on the rows (the
@@ -90,24 +105,23 @@ class PartWriter:
     def __init__(
         self,
         part: str,
-        layers: Sequence[int],
+        sites: Sequence[int | Site],
         d_model: int,
         capacity: int,
         chunk_rows: int,
         dtype: str = "bfloat16",
         max_pending: int = 8,
     ) -> None:
-        self.part, self.layers, self.d_model = part, list(layers), d_model
+        self.part, self.sites, self.d_model = part, as_sites(sites), d_model
         self.chunk_rows, self.dtype, self.max_pending = chunk_rows, DTYPES[dtype], max_pending
         rows = max(capacity, 1)
         self.arrays = [
-            _create(layer_uri(part, layer), rows, d_model, chunk_rows, dtype)
-            for layer in self.layers
+            _create(site_uri(part, site), rows, d_model, chunk_rows, dtype) for site in self.sites
         ]
         self.pending: list[ts.Future] = []
         self.queue = _RowQueue()
         self.rows = 0  # written (or being written) to the arrays
-        self.norm_sums = np.zeros(len(self.layers), np.float64)
+        self.norm_sums = np.zeros(len(self.sites), np.float64)
 
     @property
     def appended(self) -> int:
@@ -115,8 +129,8 @@ class PartWriter:
         return self.rows + self.queue.size
 
     def append(self, rows: np.ndarray) -> None:
-        if rows.shape[1] != self.d_model * len(self.layers):
-            raise ValueError(f"rows of width {rows.shape[1]}; expected layers * d_model")
+        if rows.shape[1] != self.d_model * len(self.sites):
+            raise ValueError(f"rows of width {rows.shape[1]}; expected sites * d_model")
         self.queue.push(rows)
         while self.queue.size >= self.chunk_rows:
             self._write(self.queue.pop(self.chunk_rows))
@@ -148,7 +162,7 @@ class PartWriter:
             array.resize(exclusive_max=[max(self.rows, 1), self.d_model], shrink_only=True).result()
         record = {
             "rows": self.rows,
-            "layers": self.layers,
+            "sites": [site.label for site in self.sites],
             "norm_sums": [float(v) for v in self.norm_sums],
         }
         storage.write_json(storage.join(self.part, PART_ROWS_NAME), record)
@@ -163,25 +177,26 @@ class Chunk:
 
 
 class StoreRows:
-    """A finished store seen as one table of rows over the chosen layers (side by side)."""
+    """A finished store seen as one table of rows over the chosen sites (side by side)."""
 
-    def __init__(self, store_uri: str, layers: Sequence[int], parts: Sequence[dict]) -> None:
-        self.uri, self.layers = store_uri, list(layers)
+    def __init__(self, store_uri: str, sites: Sequence[int | Site], parts: Sequence[dict]) -> None:
+        self.uri, self.sites = store_uri, as_sites(sites)
         self.part_rows = [int(p["rows"]) for p in parts]
         self.arrays = []
         for index, record in enumerate(parts):
-            missing = [layer for layer in self.layers if layer not in record["layers"]]
+            held = record_sites(record)
+            missing = [site.label for site in self.sites if site.label not in held]
             if missing:
                 raise InputError(
-                    f"the activation store at {store_uri} has layers {record['layers']}, "
-                    f"not {missing}: extract them first"
+                    f"the activation store at {store_uri} has {', '.join(held)}, "
+                    f"not {', '.join(missing)}: extract them first"
                 )
             part = part_uri(store_uri, index)
-            self.arrays.append([_open(layer_uri(part, layer)) for layer in self.layers])
+            self.arrays.append([_open(site_uri(part, site)) for site in self.sites])
         first = self.arrays[0][0]
         self.d_model = int(first.shape[1])
         self.chunk_rows = int(first.chunk_layout.read_chunk.shape[0])
-        self.dim = self.d_model * len(self.layers)
+        self.dim = self.d_model * len(self.sites)
         self.num_rows = sum(self.part_rows)
         self.chunks = [
             Chunk(part, start, min(self.chunk_rows, rows - start))
@@ -190,7 +205,7 @@ class StoreRows:
         ]
 
     def read_chunks(self, chunks: Sequence[Chunk]) -> list[ts.Future]:
-        """Start reading chunks (every layer); the futures resolve to bf16/fp32 arrays."""
+        """Start reading chunks (every site); the futures resolve to bf16/fp32 arrays."""
         return [
             array[c.start : c.start + c.rows].read()
             for c in chunks
@@ -199,13 +214,11 @@ class StoreRows:
 
     def assemble(self, chunks: Sequence[Chunk], futures: list[ts.Future]) -> np.ndarray:
         out = np.empty((sum(c.rows for c in chunks), self.dim), np.float32)
-        row, layers = 0, len(self.layers)
+        row, sites = 0, len(self.sites)
         for index, chunk in enumerate(chunks):
-            for layer in range(layers):
-                data = futures[index * layers + layer].result()
-                out[row : row + chunk.rows, layer * self.d_model : (layer + 1) * self.d_model] = (
-                    data
-                )
+            for site in range(sites):
+                data = futures[index * sites + site].result()
+                out[row : row + chunk.rows, site * self.d_model : (site + 1) * self.d_model] = data
             row += chunk.rows
         return out
 
@@ -267,22 +280,20 @@ class ShuffledReader:
                 yield batch if rows is None else np.concatenate([batch[r] for r in rows])
 
 
-def open_store(store_uri: str, layers: Sequence[int]) -> tuple[StoreRows, dict]:
-    """The rows of a finished store (its extract manifest must exist) for `layers`."""
+def open_store(store_uri: str, sites: Sequence[int | Site]) -> tuple[StoreRows, dict]:
+    """The rows of a finished store (its extract manifest must exist) for `sites`."""
     found = manifest.require(store_uri, "extract", "activation store")
-    return StoreRows(store_uri, layers, found["parts"]), found
+    return StoreRows(store_uri, sites, found["parts"]), found
 
 
 def describe_parts(records: Sequence[dict]) -> dict[str, object]:
-    """Token count and mean row norm per layer over all parts (for the manifest)."""
+    """Token count and mean row norm per site over all parts (for the manifest)."""
     rows = sum(int(r["rows"]) for r in records)
-    layers = records[0]["layers"]
+    labels = record_sites(records[0])
     norm_sums = np.sum([r["norm_sums"] for r in records], axis=0)
     return {
         "rows": rows,
-        "mean_norm": {
-            str(layer): float(norm_sums[i] / max(rows, 1)) for i, layer in enumerate(layers)
-        },
+        "mean_norm": {label: float(norm_sums[i] / max(rows, 1)) for i, label in enumerate(labels)},
     }
 
 

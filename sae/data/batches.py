@@ -55,7 +55,7 @@ def open_source(config: PipelineConfig) -> Source:
         fingerprints = "".join(storage.fingerprint(uri) for uri in rows.uris)
         return Source(rows.dim, {"activations": manifest.digest(fingerprints)}, None, rows)
     if cfg.source == "store":
-        rows, store_manifest = activation_store.open_store(config.activations_uri, cfg.layers)
+        rows, store_manifest = activation_store.open_store(config.activations_uri, cfg.sites)
         inputs = {"activations": manifest.fingerprint(config.activations_uri)}
         return Source(rows.d_model, inputs, store_manifest, store=rows)
     config.require("model.preset")
@@ -135,7 +135,7 @@ def _stream(
     return activations.training_batches(
         tokens["shards"]["train"][process::processes],
         tap,
-        source.d_model * len(cfg.layers),
+        source.d_model * len(cfg.sites),
         cfg.lm_batch_size,
         batch_size,
         # The buffer is shared out like the batch: together the hosts hold shuffle_buffer rows.

@@ -9,8 +9,11 @@ and its config.json says the architecture ("jump_relu") and the Hugging Face hoo
 (`model.layers.<n>.output` for the residual stream after block n). The weights are written
 unchanged, as SAELens' own Gemma Scope loaders describe them (jumprelu,
 apply_b_dec_to_input=false), and `saelens.load` folds b_dec into b_enc for our encoder.
-Gemma Scope 2's transcoders and its attention- and MLP-output SAEs read hooks other than the
-residual stream, which the report and steering do not tap: they are refused in one line.
+Gemma Scope 2's transcoders (config.json: `hf_hook_point_in` the block's
+`pre_feedforward_layernorm.output`, `hf_hook_point_out` its `post_feedforward_layernorm.output`)
+come in as JumpReLU transcoders, with `affine_skip_connection` [d_in, d_out] as a skip
+transcoder's W_skip (transposed, SAELens' layout). Its attention- and MLP-output SAEs read
+hooks the report does not tap: they are refused in one line.
 
 `import_sae` writes the SAE to <out>/<name> in the same format the train stage writes, and
 <out>/manifest.json lists it the way a train manifest lists trained SAEs, so the report stage
@@ -40,8 +43,12 @@ KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 LOWERCASE_KEYS = {key.lower(): key for key in KEYS}
 GEMMA_SCOPE_2_PARAMS = "params.safetensors"
 GEMMA_SCOPE_2_CONFIG = "config.json"
-# The Hugging Face hook of the residual stream after block n, what our tap reads.
+# The Hugging Face hooks our tap reads: the residual stream after block n, and block n's MLP
+# input and output (a transcoder's).
 RESIDUAL_HOOK = re.compile(r"model\.layers\.(\d+)\.output")
+MLP_IN_HOOK = re.compile(r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.output")
+MLP_OUT_HOOK = re.compile(r"model\.layers\.(\d+)\.post_feedforward_layernorm\.output")
+SKIP_KEY = "affine_skip_connection"
 # The length of the sequences Gemma Scope was trained on.
 CONTEXT_SIZE = 1024
 # The stage whose manifest imports write: what the report stage reads SAEs from.
@@ -68,6 +75,13 @@ class Published:
     params_uri: str
     format: str
     layer: int | None = None
+    # "sae", or Gemma Scope 2's "transcoder" / "skip_transcoder".
+    kind: str = "sae"
+
+    @property
+    def architecture(self) -> str:
+        """cfg.json's name for it (SAELens')."""
+        return "jumprelu" if self.kind == "sae" else f"jumprelu_{self.kind}"
 
 
 def read_published(uri: str) -> Published:
@@ -85,19 +99,23 @@ def read_published(uri: str) -> Published:
     except (SafetensorError, ValueError, TypeError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise InputError(f"{params_uri} is not a readable safetensors file ({reason})") from None
-    if "affine_skip_connection" in raw:
-        raise InputError(
-            f"{params_uri}: a skip transcoder (affine_skip_connection); only residual-stream "
-            "SAEs are imported"
-        )
     params = {LOWERCASE_KEYS.get(key, key): value for key, value in raw.items()}
+    if SKIP_KEY in params:
+        params["W_skip"] = np.ascontiguousarray(np.asarray(params.pop(SKIP_KEY)).T)
     config_uri = storage.join(storage.parent(params_uri), GEMMA_SCOPE_2_CONFIG)
-    layer = _gemma_scope_2_layer(config_uri) if storage.exists(config_uri) else None
-    return Published(params, params_uri, "gemma-scope-2 params.safetensors", layer)
+    layer, kind = None, "skip_transcoder" if "W_skip" in params else "sae"
+    if storage.exists(config_uri):
+        layer, transcoder = _gemma_scope_2_hooks(config_uri)
+        if transcoder:
+            kind = "skip_transcoder" if "W_skip" in params else "transcoder"
+        elif kind != "sae":
+            raise InputError(f"{params_uri}: {SKIP_KEY} in a residual-stream SAE")
+    return Published(params, params_uri, "gemma-scope-2 params.safetensors", layer, kind)
 
 
-def _gemma_scope_2_layer(config_uri: str) -> int | None:
-    """The residual-stream layer a Gemma Scope 2 config.json names; refuses other kinds."""
+def _gemma_scope_2_hooks(config_uri: str) -> tuple[int | None, bool]:
+    """(layer, is a transcoder) of a Gemma Scope 2 config.json: a residual-stream SAE, or a
+    transcoder from a block's MLP input to its output; other kinds are refused."""
     try:
         cfg = json.loads(storage.read_text(config_uri))
     except ValueError:
@@ -108,18 +126,25 @@ def _gemma_scope_2_layer(config_uri: str) -> int | None:
         raise InputError(
             f"{config_uri}: architecture {cfg.get('architecture')!r}, expected 'jump_relu'"
         )
-    if cfg.get("hf_hook_point_out") or cfg.get("affine_connection"):
-        raise InputError(f"{config_uri}: a transcoder; only residual-stream SAEs are imported")
-    hook = cfg.get("hf_hook_point_in")
+    hook, hook_out = cfg.get("hf_hook_point_in"), cfg.get("hf_hook_point_out")
+    if hook_out is not None:
+        source, target = MLP_IN_HOOK.fullmatch(str(hook)), MLP_OUT_HOOK.fullmatch(str(hook_out))
+        if not (source and target and source.group(1) == target.group(1)):
+            raise InputError(
+                f"{config_uri}: maps {hook} to {hook_out}; only transcoders from a block's "
+                "pre_feedforward_layernorm.output to its post_feedforward_layernorm.output "
+                "are imported"
+            )
+        return int(source.group(1)), True
     if hook is None:
-        return None
+        return None, False
     match = RESIDUAL_HOOK.fullmatch(str(hook))
     if not match:
         raise InputError(
             f"{config_uri}: reads {hook}; only residual-stream SAEs "
-            "(model.layers.<n>.output) are imported"
+            "(model.layers.<n>.output) and MLP transcoders are imported"
         )
-    return int(match.group(1))
+    return int(match.group(1)), False
 
 
 def read_params(uri: str) -> dict[str, np.ndarray]:
@@ -134,14 +159,17 @@ def read_params(uri: str) -> dict[str, np.ndarray]:
         raise InputError(f"{uri} is not a readable .npz file ({reason})") from None
 
 
-def check_params(params: dict[str, np.ndarray], where: str) -> tuple[int, int]:
+def check_params(
+    params: dict[str, np.ndarray], where: str, architecture: str = "jumprelu"
+) -> tuple[int, int]:
     """(d_model, d_sae) of a Gemma Scope SAE; one-line InputError naming what is wrong."""
-    missing = [key for key in KEYS if key not in params]
+    keys = (*KEYS, "W_skip") if "skip" in architecture else KEYS
+    missing = [key for key in keys if key not in params]
     if missing:
         raise InputError(
             f"{where}: missing {missing[0]!r} (a Gemma Scope SAE holds {', '.join(KEYS)})"
         )
-    unexpected = sorted(set(params) - set(KEYS))
+    unexpected = sorted(set(params) - set(keys))
     if unexpected:
         # Anything else (e.g. a scaling factor) would change what the SAE computes.
         raise InputError(f"{where}: unexpected array {unexpected[0]!r}")
@@ -149,13 +177,14 @@ def check_params(params: dict[str, np.ndarray], where: str) -> tuple[int, int]:
     if w_enc.ndim != 2:
         raise InputError(f"{where}: W_enc has shape {list(w_enc.shape)}, expected [d_model, d_sae]")
     d_model, d_sae = (int(n) for n in w_enc.shape)
-    saelens.check_weights(params, d_model, d_sae, "jumprelu", where)
+    saelens.check_weights(params, d_model, d_sae, architecture, where)
     return d_model, d_sae
 
 
-def default_name(layer: int, d_sae: int) -> str:
+def default_name(layer: int, d_sae: int, kind: str = "sae") -> str:
     width = f"{d_sae // 1024}k" if d_sae % 1024 == 0 else str(d_sae)
-    return f"gemma-scope-L{layer}-{width}"
+    what = "" if kind == "sae" else f"{kind.replace('_', '-')}-"
+    return f"gemma-scope-{what}L{layer}-{width}"
 
 
 def check_model(request: ImportRequest, d_model: int) -> None:
@@ -184,7 +213,7 @@ def build_config(
         training_tokens=None,
     )
     return saelens.build_config(
-        {"architecture": "jumprelu", "trained_as": "jumprelu"},
+        {"architecture": published.architecture, "trained_as": "jumprelu"},
         d_model,
         d_sae,
         provenance,
@@ -216,12 +245,12 @@ def prepare(request: ImportRequest) -> PreparedSae:
         raise ConfigError(
             f"--layer {request.layer}, but {request.params_uri} reads layer {published.layer}"
         )
-    d_model, d_sae = check_params(params, published.params_uri)
+    d_model, d_sae = check_params(params, published.params_uri, published.architecture)
     check_model(request, d_model)
-    name = request.name or default_name(request.layer, d_sae)
+    name = request.name or default_name(request.layer, d_sae, published.kind)
     if "/" in name or name in (".", ".."):
         raise ConfigError(f"--name must be a plain directory name, got {name!r}")
-    weights = {key: np.asarray(params[key], np.float32) for key in KEYS}
+    weights = {key: np.asarray(value, np.float32) for key, value in params.items()}
     cfg = build_config(request, published, d_model, d_sae, name)
     return PreparedSae(name, cfg, weights)
 

@@ -38,6 +38,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from sae.arch import INFERENCE_ARCHITECTURES, SparseAutoencoder, from_export_config, token_norm
+from sae.arch.spec import Site
 from sae.errors import InputError
 from sae.io import presets, storage
 
@@ -92,6 +93,15 @@ def transcoder_hook_names(layer: int) -> tuple[str, str]:
 
 def is_transcoder(architecture: str) -> bool:
     return architecture.endswith("transcoder")
+
+
+def sites(cfg: dict[str, Any]) -> tuple[Site, Site | None]:
+    """Where a saved SAE reads, and what a transcoder among them predicts (None for an SAE):
+    the residual stream after its layer, or that block's MLP input and output."""
+    layer = int(cfg["layer"])
+    if is_transcoder(cfg["architecture"]):
+        return Site(layer, "mlp_in"), Site(layer, "mlp_out")
+    return Site(layer), None
 
 
 def model_name(preset_uri: str) -> str | None:

@@ -1,6 +1,7 @@
-"""The extract stage: the train split's residual-stream activations, once, into a store.
+"""The extract stage: the train split's activations (residual stream; MLP inputs and outputs
+for transcoders), once, into a store.
 
-Every tapped layer comes from one forward pass of a model truncated after the deepest of
+Every tapped site comes from one forward pass of a model truncated after the deepest of
 them; BOS and padding positions are dropped. With several hosts (jax.distributed), each host
 takes every n-th token shard and writes its own part of the store, all hosts running the same
 forwards in lockstep (a host out of data feeds empty batches); process 0 waits for all parts
@@ -22,6 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from sae import sharding
+from sae.arch.spec import Site
 from sae.config import PipelineConfig
 from sae.data import activation_store, activations, token_shards
 from sae.errors import ConfigError
@@ -32,23 +34,25 @@ from sae.progress import Progress, log
 
 
 def extract(config: PipelineConfig, force: bool = False) -> bool:
-    """Extract `extract.layers` of the train split into `<workdir>/activations`; returns
-    whether the stage ran (False when its manifest already matches the config and inputs)."""
+    """Extract the train split's activations at `config.extract_sites` (the SAEs' layers and
+    transcoders' MLPs, or `extract.layers`) into `<workdir>/activations`; returns whether the
+    stage ran (False when its manifest already matches the config and inputs)."""
     config.require("model.preset")
     cfg = config.extract
     tokens_manifest = manifest.require(config.tokens_uri, "tokenize")
-    layers = config.extract_layers
-    presets.check_layers(config.preset_uri, layers)
+    sites = config.extract_sites
+    presets.check_layers(config.preset_uri, sorted({site.layer for site in sites}))
     mesh = sharding.make_mesh(cfg.mesh_data, 1)
     _check_mesh(mesh, cfg.lm_batch_size)
     inputs = {
         "tokens": manifest.fingerprint(config.tokens_uri),
         "model": storage.fingerprint_tree(config.preset_uri),
     }
-    section = {**dataclasses.asdict(cfg), "layers": layers, "model_dtype": config.model.dtype}
+    labels = [site.label for site in sites]
+    section = {**dataclasses.asdict(cfg), "sites": labels, "model_dtype": config.model.dtype}
 
     def body() -> StageOutput:
-        return _extract(config, tokens_manifest, layers, mesh)
+        return _extract(config, tokens_manifest, sites, mesh)
 
     return run_stage(
         "extract",
@@ -86,7 +90,7 @@ def _row_limit(max_rows: int, capacity: int, process: int, processes: int) -> in
     return min(capacity, share)
 
 
-def _extract(config: PipelineConfig, tokens_manifest: dict, layers: list[int], mesh) -> StageOutput:
+def _extract(config: PipelineConfig, tokens_manifest: dict, sites: list[Site], mesh) -> StageOutput:
     cfg, output = config.extract, config.activations_uri
     process, processes = jax.process_index(), jax.process_count()
     if process == 0:
@@ -104,14 +108,15 @@ def _extract(config: PipelineConfig, tokens_manifest: dict, layers: list[int], m
     capacity = sum(token_shards.shard_counts(uri)[1] for uri in shards)
     limit = _row_limit(cfg.max_rows, capacity, process, processes)
     backbone = lm.load_backbone(config.preset_uri, config.model.dtype)
-    tap = lm.ActivationTap(backbone, layers, mesh)
+    tap = lm.ActivationTap(backbone, sites, mesh)
     part = activation_store.part_uri(output, process)
     writer = activation_store.PartWriter(
-        part, layers, tap.hidden_dim, limit, cfg.chunk_rows, cfg.dtype
+        part, sites, tap.hidden_dim, limit, cfg.chunk_rows, cfg.dtype
     )
     log(
         "extract",
-        f"layers {layers} of {config.preset_uri}: {len(shards)} shard(s) -> {part} "
+        f"{', '.join(s.label for s in sites)} of {config.preset_uri}: "
+        f"{len(shards)} shard(s) -> {part} "
         f"({cfg.dtype}, {cfg.chunk_rows}-row chunks)",
     )
     progress = Progress("extract", limit)
@@ -133,7 +138,7 @@ def _extract(config: PipelineConfig, tokens_manifest: dict, layers: list[int], m
     log("extract", f"{summary['rows']} rows stored; this host {record['rows'] / seconds:.0f} tok/s")
     outputs = [activation_store.part_uri(output, p) for p in range(processes)]
     extra = {
-        "layers": layers,
+        "sites": [site.label for site in sites],
         "d_model": tap.hidden_dim,
         "dtype": cfg.dtype,
         "chunk_rows": cfg.chunk_rows,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -24,6 +24,7 @@ from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from sae import sharding
+from sae.arch.spec import Site  # noqa: E402
 from sae.errors import InputError  # noqa: E402
 from sae.io import presets  # noqa: E402
 from sae.sharding import DATA  # noqa: E402
@@ -154,12 +155,16 @@ def final_logits(backbone: Any, x: jax.Array) -> jax.Array:
 
 
 class ActivationTap:
-    """Residual-stream activations after `decoder_block_<layer>` for each requested layer, in
-    the backbone's compute dtype (`dtype`: bfloat16 for a bfloat16 model), so the device-to-host
-    copy is no wider than what the model computed; consumers cast to float32 where they do
-    arithmetic."""
+    """Activations at each requested site (sae.arch.spec.Site; a bare layer index is the
+    residual stream after `decoder_block_<layer>`), in the backbone's compute dtype (`dtype`:
+    bfloat16 for a bfloat16 model), so the device-to-host copy is no wider than what the
+    model computed; consumers cast to float32 where they do arithmetic.
 
-    def __init__(self, backbone: Any, layers: list[int], mesh: Mesh) -> None:
+    Residual-stream sites only: a keras functional sub-model ending at the deepest block.
+    With MLP sites (transcoders): the same blocks called one by one, `mlp_hook` reading the
+    MLP's input and output inside theirs."""
+
+    def __init__(self, backbone: Any, sites: Sequence[int | Site], mesh: Mesh) -> None:
         import keras
 
         extra = sorted(set(backbone.input) - {"token_ids", "padding_mask"})
@@ -169,25 +174,31 @@ class ActivationTap:
                 f"{type(backbone).__name__} also takes {', '.join(extra)} (text-only Gemma 1, "
                 "2 and 3 are supported)"
             )
-        self.layers = list(layers)
+        self.sites = [s if isinstance(s, Site) else Site(int(s)) for s in sites]
         self.mesh = mesh
         self.hidden_dim = int(backbone.hidden_dim)
         self.dtype = np.dtype(backbone.dtype_policy.compute_dtype)
-        outputs = [backbone.get_layer(f"decoder_block_{layer}").output for layer in self.layers]
-        self.model = keras.Model(backbone.input, outputs)
         replicated = sharding.replicated(mesh)
-        self._weights = jax.device_put(
-            (
+        if all(site.point == "resid_post" for site in self.sites):
+            outputs = [backbone.get_layer(f"decoder_block_{s.layer}").output for s in self.sites]
+            self.model = keras.Model(backbone.input, outputs)
+            weights: Any = (
                 [v.value for v in self.model.trainable_variables],
                 [v.value for v in self.model.non_trainable_variables],
-            ),
-            replicated,
-        )
+            )
+            call = self._call
+        else:
+            check_gemma(backbone)
+            self.backbone = backbone
+            weights, call = backbone_weights(backbone), self._call_blocks
+        self._weights = jax.device_put(weights, replicated)
         batch = sharding.batch_sharding(mesh)
-        self._forward = jax.jit(
-            self._call, in_shardings=(replicated, batch, batch), out_shardings=batch
-        )
+        self._forward = jax.jit(call, in_shardings=(replicated, batch, batch), out_shardings=batch)
         self._host_max = sharding.HostMax(mesh)
+
+    @property
+    def layers(self) -> list[int]:
+        return [site.layer for site in self.sites]
 
     def _call(self, weights, token_ids: jax.Array, padding_mask: jax.Array) -> list[jax.Array]:
         trainable, non_trainable = weights
@@ -196,6 +207,25 @@ class ActivationTap:
         )
         outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
         return [out.astype(self.dtype) for out in outputs]
+
+    def _call_blocks(
+        self, weights: list[jax.Array], token_ids: jax.Array, padding_mask: jax.Array
+    ) -> list[jax.Array]:
+        backbone, found = self.backbone, {}
+        mlp_layers = {site.layer for site in self.sites if site.point != "resid_post"}
+        with bound_weights(backbone, weights):
+            x = embed(backbone, token_ids)
+            for layer in range(max(site.layer for site in self.sites) + 1):
+                block = backbone.transformer_layers[layer]
+                if layer in mlp_layers:
+                    with mlp_hook(block) as captured:
+                        x = block(x, padding_mask=padding_mask)
+                    found[Site(layer, "mlp_in")] = captured["mlp_in"]
+                    found[Site(layer, "mlp_out")] = captured["mlp_out"]
+                else:
+                    x = block(x, padding_mask=padding_mask)
+                found[Site(layer)] = x
+        return [found[site].astype(self.dtype) for site in self.sites]
 
     def device_forward(self, token_ids: jax.Array, padding_mask: jax.Array) -> list[jax.Array]:
         """The jitted forward alone, on (sharded) device arrays: what benchmarks compare with."""

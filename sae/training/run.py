@@ -194,12 +194,12 @@ def _warm_started(
 
 def train(config: PipelineConfig, force: bool = False) -> bool:
     cfg = config.train
-    for index, spec in enumerate(cfg.saes):
-        if spec.kind != "sae":
-            raise ConfigError(
-                f"train.saes[{index}] is a {spec.kind}: the train stage taps the residual "
-                "stream only; train transcoders with sae.Trainer.fit(mlp_in, targets=mlp_out)"
-            )
+    transcoders = [s.display_name() for s in cfg.saes if s.kind != "sae"]
+    if transcoders and cfg.source == "npy":
+        raise ConfigError(
+            f"{transcoders[0]} is a transcoder: .npy rows hold one activation, not its input "
+            "and target; use train.source=stream or store, or sae.Trainer.fit(x, targets=y)"
+        )
     source = batches.open_source(config)
     mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
     _check_mesh(cfg, mesh, source.d_model)
@@ -219,16 +219,24 @@ def train(config: PipelineConfig, force: bool = False) -> bool:
 
 
 def build_members(
-    cfg: TrainConfig, d_model: int, by_layer: bool, with_targets: bool = False
+    cfg: TrainConfig, d_model: int, by_site: bool, with_targets: bool = False
 ) -> dict[str, Member]:
-    """The run's SAEs; with `by_layer`, each reads its layer's slice of a multi-layer row.
-    With `with_targets`, rows are [inputs | targets] and transcoders learn the targets."""
+    """The run's SAEs; with `by_site`, rows hold `cfg.sites` side by side and each SAE reads
+    its site's slice (a transcoder its MLP input, learning its MLP output). Else rows are one
+    activation, or with `with_targets` [inputs | targets] (transcoders learn the targets)."""
+
+    def span(column: int) -> tuple[int, int]:
+        return column * d_model, (column + 1) * d_model
+
     members = {}
     for sae_cfg in cfg.saes:
-        column = cfg.layers.index(sae_cfg.layer) if by_layer else 0
-        targets = None
-        if with_targets and sae_cfg.kind != "sae":
-            targets = (d_model, 2 * d_model)
+        column, targets = 0, None
+        if by_site:
+            column = cfg.sites.index(sae_cfg.input_site)
+            if sae_cfg.target_site is not None:
+                targets = span(cfg.sites.index(sae_cfg.target_site))
+        elif with_targets and sae_cfg.kind != "sae":
+            targets = span(1)
         members[sae_cfg.display_name()] = Member(
             sae=arch.build(
                 sae_cfg,
@@ -237,7 +245,7 @@ def build_members(
                 matmul_dtype=cfg.matmul_dtype,
             ),
             train=cfg,
-            columns=(column * d_model, (column + 1) * d_model),
+            columns=span(column),
             target_columns=targets,
         )
     return members
@@ -251,7 +259,7 @@ def _global_batches(
     tap = None
     if source.streams:
         backbone = lm.load_backbone(config.preset_uri, config.model.dtype)
-        tap = lm.ActivationTap(backbone, cfg.layers, trainer.mesh)
+        tap = lm.ActivationTap(backbone, cfg.sites, trainer.mesh)
     if jax.process_count() == 1:
         return batches.batches(config, source, start_step, None, tap)
     host_rows = trainer.host_rows(cfg.batch_size)
@@ -267,7 +275,7 @@ def _train(
     _clear_finished(output)
     checkpoints = Checkpointer(storage.join(output, "checkpoints"))
     start_step = _resume_step(checkpoints, resume_key)
-    members = build_members(cfg, source.d_model, by_layer=source.npy is None)
+    members = build_members(cfg, source.d_model, by_site=source.npy is None)
     trainer = StepTrainer(members, mesh, cfg.dead_window_tokens)
     rows = _global_batches(config, source, trainer, start_step or 0)
 

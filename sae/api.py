@@ -74,7 +74,7 @@ class Trainer:
             spec.check_against_model(f"saes[{index}]", self.d_model, mesh.devices.shape[1])
         paired = targets is not None
         members = run.build_members(cfg, self.d_model, by_site=False, with_targets=paired)
-        trainer = StepTrainer(members, mesh, cfg.dead_window_tokens)
+        trainer = StepTrainer(members, mesh, cfg.dead_window_tokens, cfg.max_skipped_steps)
         rows = self._batches(activations, cfg, targets)
         first = next(rows, None)
         if first is None:

@@ -164,6 +164,10 @@ class TrainConfig:
     # A latent that has not fired for this many training tokens counts as dead (10M is the
     # field's default; the tiny local run sees fewer tokens than that in total).
     dead_window_tokens: int = 200_000
+    # A step whose batch, loss or gradients hold a NaN or infinity leaves the SAE unchanged
+    # and is counted (metrics: skipped_steps); more consecutive such steps than this stop the
+    # run with a one-line error (0: the first one does).
+    max_skipped_steps: int = 20
     # Adam schedule: linear warm-up, constant, then decay over the last fraction of the steps.
     lr_warmup_steps: int = 20
     lr_decay_fraction: float = 0.2
@@ -201,7 +205,7 @@ class TrainConfig:
         _positive(self, "shuffle_buffer", "checkpoint_every", "log_every", "mesh_model")
         _positive(self, "dead_window_tokens")
         _non_negative(self, "lr_warmup_steps", "grad_clip_norm")
-        _non_negative(self, "sparsity_warmup_steps", "lr_final_fraction")
+        _non_negative(self, "sparsity_warmup_steps", "lr_final_fraction", "max_skipped_steps")
         if not 0 <= self.lr_decay_fraction <= 1:
             raise ConfigError("train.lr_decay_fraction must be in [0, 1]")
         if self.lr_warmup_steps + self.lr_decay_steps > self.steps:

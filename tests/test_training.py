@@ -15,7 +15,14 @@ from sae import arch, sharding
 from sae.arch import SaeSpec, SparseAutoencoder
 from sae.config import TrainConfig
 from sae.training.optimizer import learning_rate_schedule
-from sae.training.step import LoopHooks, Member, StepTrainer, remove_parallel_component, run_loop
+from sae.training.step import (
+    LoopHooks,
+    Member,
+    NonFiniteSteps,
+    StepTrainer,
+    remove_parallel_component,
+    run_loop,
+)
 
 D, WIDTH = 16, 64
 
@@ -227,3 +234,45 @@ def test_a_stop_at_a_checkpoint_step_saves_it_once():
     batches = (x[i * 128 : (i + 1) * 128] for i in range(4))
     run_loop(trainer, states, batches, steps=10, log_every=5, checkpoint_every=2, hooks=hooks)
     assert saved == [2]
+
+
+def test_a_non_finite_batch_is_skipped_and_counted():
+    """One NaN row in one batch: that step leaves every SAE as it was (weights, optimizer
+    state, buffers, dead-latent counts), the count says so, and training goes on."""
+    x = _data()
+    trainer = StepTrainer(_members(), _single_device()[0].mesh, 128, max_skipped_steps=2)
+    states = trainer.init_state(0, x[:128])
+    states, _ = trainer.step(states, x[:128])
+    before = jax.tree.map(np.asarray, states)
+    poisoned = x[128:256].copy()
+    poisoned[7, 3] = np.nan
+    states, metrics = trainer.step(states, poisoned)
+    after = jax.tree.map(np.asarray, states)
+    for name in before:
+        for field_name in ("params", "opt_state", "buffers", "tokens_since_fired", "fire_rate"):
+            for got, want in zip(
+                jax.tree.leaves(getattr(after[name], field_name)),
+                jax.tree.leaves(getattr(before[name], field_name)),
+                strict=True,
+            ):
+                np.testing.assert_array_equal(got, want, err_msg=f"{name}.{field_name}")
+        assert int(after[name].step) == 2 and int(after[name].skipped_steps) == 1
+        assert float(metrics[f"{name}/skip_streak"]) == 1
+    states, metrics = trainer.step(states, x[256:384])
+    assert all(float(metrics[f"{n}/skip_streak"]) == 0 for n in states)
+    assert all(np.isfinite(np.asarray(s.params["W_dec"])).all() for s in states.values())
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_loop():
+    x = _data()
+    trainer = StepTrainer(_members(), _single_device()[0].mesh, 128, max_skipped_steps=1)
+    states = trainer.init_state(0, x[:128])
+    bad = np.full((128, D), np.inf, np.float32)
+    batches = iter([x[:128], bad, bad, x[:128]])
+    with pytest.raises(
+        NonFiniteSteps,
+        match=r"^step 3: 2 consecutive steps of batchtopk, jumprelu, .*, topk had a NaN",
+    ):
+        run_loop(
+            trainer, states, batches, steps=4, log_every=4, checkpoint_every=4, hooks=LoopHooks()
+        )

@@ -47,6 +47,7 @@ from sae.training.metrics_log import MetricsLog
 from sae.training.step import (
     LoopHooks,
     Member,
+    NonFiniteSteps,
     StepTrainer,
     TrainState,
     agreed_stop,
@@ -276,7 +277,7 @@ def _train(
     checkpoints = Checkpointer(storage.join(output, "checkpoints"))
     start_step = _resume_step(checkpoints, resume_key)
     members = build_members(cfg, source.d_model, by_site=source.npy is None)
-    trainer = StepTrainer(members, mesh, cfg.dead_window_tokens)
+    trainer = StepTrainer(members, mesh, cfg.dead_window_tokens, cfg.max_skipped_steps)
     rows = _global_batches(config, source, trainer, start_step or 0)
 
     if start_step is None:
@@ -308,6 +309,7 @@ def _train(
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
         last_metrics.update(metrics)
         metrics_log.write(step, metrics)
+        skipped = max(v for k, v in metrics.items() if k.endswith("/skipped_steps"))
         progress.update(
             0,
             step=step,
@@ -315,6 +317,7 @@ def _train(
             l0=metrics[f"{headline}/l0"],
             fve=metrics[f"{headline}/fve"],
             dead=metrics[f"{headline}/dead_fraction"],
+            **({"skipped": int(skipped)} if skipped else {}),
         )
 
     def on_checkpoint(step: int, states: dict[str, TrainState]) -> None:
@@ -348,6 +351,8 @@ def _train(
             cfg.checkpoint_every,
             hooks,
         )
+    except NonFiniteSteps as error:
+        raise NonFiniteSteps(f"{error}; train.source={cfg.source}") from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         checkpoints.close()
@@ -417,7 +422,7 @@ def _export(
 ) -> StageOutput:
     """Each SAE under sae/<name>/."""
     cfg, output = config.train, config.sae_uri
-    outputs, saved = [], {}
+    outputs, saved, ready = [], {}, {}
     # .npy rows come with neither a model nor a text corpus to name.
     from_text = source.npy is None
     model_name = saelens.model_name(config.preset_uri) if from_text else None
@@ -434,6 +439,11 @@ def _export(
         weights, saved[name] = exported(
             members[name], states[name], provenance, name=name, activation_source=cfg.source
         )
+        bad = [key for key, value in weights.items() if not np.isfinite(value).all()]
+        if bad:  # checked before anything is written: no half-written output
+            raise InputError(f"train: {name}'s {bad[0]} holds NaN or infinite values")
+        ready[name] = weights
+    for name, weights in ready.items():
         if jax.process_index() == 0:  # every host has the weights; one writes them
             outputs += saelens.save(storage.join(output, name), weights, saved[name])
     counts = {

@@ -28,6 +28,7 @@ from sae import sharding
 from sae.arch import token_norm
 from sae.arch.base import LossContext, Params, SparseAutoencoder
 from sae.config import TrainConfig
+from sae.errors import InputError
 from sae.training.optimizer import learning_rate_schedule, make_optimizer
 from sae.training.resampling import resample_dead
 
@@ -50,6 +51,12 @@ class TrainState:
     tokens_since_fired: jax.Array
     # Running firing frequency per latent over about one window: dense-latent tracking.
     fire_rate: jax.Array
+    # Steps skipped for a non-finite batch, loss or gradient: in all, and in a row now.
+    skipped_steps: jax.Array
+    skip_streak: jax.Array
+    # The first step at which the streak exceeded the limit (-1: never): sticky, so the host
+    # sees it whenever it next reads the metrics.
+    stopped_at: jax.Array
 
 
 @dataclass(frozen=True)
@@ -128,8 +135,10 @@ class StepTrainer:
         members: dict[str, Member],
         mesh: Mesh,
         dead_window_tokens: int = 10_000_000,
+        max_skipped_steps: int = 20,
     ) -> None:
         self.members, self.mesh = members, mesh
+        self.max_skipped_steps = max_skipped_steps
         # A float: token counts past int32 are ordinary over a long run.
         self.dead_window_tokens = float(dead_window_tokens)
         self.optimizers = {name: m.optimizer for name, m in members.items()}
@@ -169,6 +178,9 @@ class StepTrainer:
             target_scale=jnp.asarray(target_scale, jnp.float32),
             tokens_since_fired=jnp.zeros((member.sae.d_sae,), jnp.float32),
             fire_rate=jnp.zeros((member.sae.d_sae,), jnp.float32),
+            skipped_steps=jnp.zeros((), jnp.int32),
+            skip_streak=jnp.zeros((), jnp.int32),
+            stopped_at=jnp.full((), -1, jnp.int32),
         )
 
     def _abstract_unsharded(self) -> dict[str, TrainState]:
@@ -203,6 +215,11 @@ class StepTrainer:
 
     def init_state(self, seed: int, sample: np.ndarray) -> dict[str, TrainState]:
         """Fresh states from a first batch of raw activation rows (all members' columns)."""
+        if not np.isfinite(np.asarray(sample, np.float32)).all():
+            # It sets the input scale and the decoder bias: it cannot be skipped.
+            raise InputError(
+                "the first batch, which initialises the SAEs, holds NaN or infinite values"
+            )
         states = {}
         for index, (name, member) in enumerate(self.members.items()):
             rows = np.asarray(member.input_of(jnp.asarray(sample, jnp.float32)))
@@ -308,6 +325,24 @@ class StepTrainer:
             # A resampled latent gets a fresh window to prove itself.
             tokens_since_fired = jnp.where(due & dead, 0.0, tokens_since_fired)
 
+        # A non-finite batch (an overflowing bf16 forward, a NaN in a file), loss or gradient
+        # must never reach the weights: the whole update is dropped and counted.
+        finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(target))
+        for leaf in jax.tree.leaves(grads):
+            finite &= jnp.all(jnp.isfinite(leaf))
+
+        def kept(new: Any, old: Any) -> Any:
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        params, opt_state = kept(params, state.params), kept(opt_state, state.opt_state)
+        buffers = kept(buffers, state.buffers)
+        tokens_since_fired = kept(tokens_since_fired, state.tokens_since_fired)
+        fire_rate = kept(fire_rate, state.fire_rate)
+        streak = jnp.where(finite, 0, state.skip_streak + 1)
+        over = (state.stopped_at < 0) & (streak > self.max_skipped_steps)
+        stopped_at = jnp.where(over, state.step + 1, state.stopped_at)
+        skipped_steps = state.skipped_steps + (~finite).astype(jnp.int32)
+
         metrics = {
             "loss": loss,
             **out["parts"],
@@ -317,6 +352,9 @@ class StepTrainer:
             "dense_fraction": jnp.mean(fire_rate > DENSE_THRESHOLD),
             "grad_norm": optax.global_norm(grads),
             "learning_rate": self.schedules[name](state.step),
+            "skipped_steps": skipped_steps,
+            "skip_streak": streak,
+            "stopped_at": stopped_at,
         }
         new_state = TrainState(
             params=params,
@@ -328,6 +366,9 @@ class StepTrainer:
             target_scale=state.target_scale,
             tokens_since_fired=tokens_since_fired,
             fire_rate=fire_rate,
+            skipped_steps=skipped_steps,
+            skip_streak=streak,
+            stopped_at=stopped_at,
         )
         return new_state, metrics
 
@@ -345,6 +386,29 @@ def to_host(tree: Any) -> Any:
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+class NonFiniteSteps(InputError):
+    """Too many consecutive steps had a non-finite batch, loss or gradient."""
+
+
+def check_finite_steps(step: int, metrics: dict[str, float], limit: int) -> None:
+    """Raises NonFiniteSteps when a member's skip streak went past `limit` (read from the
+    logged metrics: the first such step is kept in the state, so no streak is missed)."""
+    stopped = {
+        key.rpartition("/")[0]: int(value)
+        for key, value in metrics.items()
+        if key.endswith("/stopped_at") and value >= 0
+    }
+    if stopped:
+        first = min(stopped.values())
+        names = ", ".join(sorted(n for n, at in stopped.items() if at == first))
+        skipped = max(int(metrics[f"{n}/skipped_steps"]) for n in stopped)
+        raise NonFiniteSteps(
+            f"step {first}: {limit + 1} consecutive steps of {names} had a NaN or infinite "
+            f"batch, loss or gradient (train.max_skipped_steps={limit}; {skipped} skipped "
+            f"by step {step})"
+        )
 
 
 def agreed_stop(
@@ -400,6 +464,7 @@ def run_loop(
             values["tokens_per_second"] = window_tokens / max(now - window_start, 1e-9)
             window_start, window_tokens = now, 0
             hooks.on_metrics(step, values)
+            check_finite_steps(step, values, trainer.max_skipped_steps)
         saved = step % checkpoint_every == 0 or step == steps
         if saved:
             hooks.on_checkpoint(step, states)

@@ -96,6 +96,9 @@ def test_preempted_training_resumes_to_the_same_weights(local_run, tmp_path):
     assert len(saved) == len(set(saved)), f"a checkpoint announced twice: {saved}"
     assert manifest.read(str(tmp_path / "resumed" / "sae")) is None
     assert main(["train", *resumed]) == 0
+    # Back at the stop's checkpoint from its stream position: the model re-ran nothing.
+    record = manifest.read(str(tmp_path / "resumed" / "sae"))["resumed"]
+    assert record["step"] >= 20 and record["replayed_lm_batches"] == 0
 
     for sae in SMALL_SAES:
         a = load_file(tmp_path / "straight" / "sae" / sae / "sae_weights.safetensors")

@@ -236,7 +236,7 @@ def _comparable(config: PipelineConfig) -> dict[str, Any]:
     values = dataclasses.asdict(config)
     del values["workdir"]
     del values["train"]["init_from"]
-    return values
+    return json.loads(json.dumps(values))  # as the record stores it (lists, not tuples)
 
 
 def _check_outputs_stay_in_the_run(config: PipelineConfig) -> None:

@@ -5,8 +5,11 @@ Nothing large is held: one token shard, one language-model batch, and a bounded 
 
 from __future__ import annotations
 
+import io
+import json
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -59,6 +62,41 @@ def sequence_batches(
         )
 
 
+@dataclass
+class StreamPosition:
+    """Where a streaming run's data stands after a step, exactly: the shuffle buffer's rows
+    and generator state, the rows already computed by the model but not yet buffered, and
+    how many sequences of the (seeded) stream the model has been run on. Saved with each
+    checkpoint, it lets a resumed run continue the same stream without re-running the model
+    over everything before it."""
+
+    buffer_rows: np.ndarray
+    rng_state: dict[str, Any]
+    pending_rows: np.ndarray
+    sequences: int
+
+    def to_bytes(self) -> bytes:
+        out = io.BytesIO()
+        np.savez(
+            out,
+            buffer_rows=self.buffer_rows,
+            pending_rows=self.pending_rows,
+            sequences=np.int64(self.sequences),
+            rng_state=np.frombuffer(json.dumps(self.rng_state).encode(), np.uint8),
+        )
+        return out.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StreamPosition:
+        with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+            return cls(
+                saved["buffer_rows"],
+                json.loads(saved["rng_state"].tobytes().decode()),
+                saved["pending_rows"],
+                int(saved["sequences"]),
+            )
+
+
 class ShuffleBuffer:
     """A fixed-capacity pool of rows; batches are drawn at random once it is full, so rows from
     many sequences and documents mix while memory stays at `capacity` rows."""
@@ -68,6 +106,11 @@ class ShuffleBuffer:
         self.data = np.empty((capacity, dim), np.float32)
         self.size = 0
         self.rng = np.random.default_rng(seed)
+
+    def restore(self, rows: np.ndarray, rng_state: dict[str, Any]) -> None:
+        self.data[: len(rows)] = rows
+        self.size = len(rows)
+        self.rng.bit_generator.state = rng_state
 
     @property
     def capacity(self) -> int:
@@ -202,7 +245,9 @@ class LockstepBatches:
         bos_id: int,
         host_max: HostMaxFn = int,
         ahead: int = 2,
+        resume: StreamPosition | None = None,
     ) -> None:
+        """`sequences` start where `resume` (if given) says the model stopped reading."""
         self.tap, self.buffer, self.bos_id = tap, buffer, bos_id
         self.batch_size, self.host_max, self.ahead = batch_size, host_max, ahead
         self._batches = sequence_batches(sequences, lm_batch_size)
@@ -218,6 +263,31 @@ class LockstepBatches:
         self._rows = np.empty((0, buffer.data.shape[1]), np.float32)  # read, not yet buffered
         self._votes: deque[Any] = deque()
         self._step = self._voted = 0
+        self._sequences = 0  # of the stream, in forwards dispatched (its position)
+        # Rows available before any forward of this object: a resumed position's.
+        self._prefilled = 0
+        if resume is not None:
+            buffer.restore(resume.buffer_rows, resume.rng_state)
+            self._rows = resume.pending_rows.astype(np.float32)
+            self._sequences = resume.sequences
+            self._prefilled = self._total = buffer.size + len(self._rows)
+
+    @property
+    def forwards(self) -> int:
+        """Model forwards run so far (the same count on every host)."""
+        return self._dispatched
+
+    def position(self) -> StreamPosition:
+        """The data position after the batches returned so far (waits for the forwards in
+        flight: their rows are part of it)."""
+        in_flight = [_content_rows(*f, self.bos_id) for f in self._in_flight]
+        pending = np.concatenate([self._rows, *in_flight]).astype(np.float32)
+        return StreamPosition(
+            self.buffer.data[: self.buffer.size].copy(),
+            self.buffer.rng.bit_generator.state,
+            pending,
+            self._sequences,
+        )
 
     def __iter__(self) -> LockstepBatches:
         return self
@@ -243,6 +313,8 @@ class LockstepBatches:
         sequences cannot fill it. Steps are asked in order, so forwards that fill an earlier
         step only are forgotten."""
         needed = self.buffer.capacity + step * self.batch_size
+        if needed <= self._prefilled:
+            return 0  # a resumed position's rows cover it
         while self._total < needed:
             if not self._peek():
                 return _DRY
@@ -273,6 +345,7 @@ class LockstepBatches:
         token_ids, lengths = self._upcoming.popleft()
         self._in_flight.append((self.tap(token_ids, lengths), token_ids, lengths))
         self._dispatched += 1
+        self._sequences += int(np.sum(lengths > 0))
 
 
 def training_batches(
@@ -285,12 +358,17 @@ def training_batches(
     bos_id: int,
     seed: int,
     host_max: HostMaxFn = int,
-) -> Iterator[np.ndarray]:
+    resume: StreamPosition | None = None,
+) -> LockstepBatches:
     """An endless, seeded stream of shuffled activation batches over the train shards (epochs
-    repeat with a new shard and row order). The same seed replays the same stream, which is
-    how a resumed run finds its exact data position. With several hosts, each passes its own
-    shards, seed and share of `batch_size`, and `host_max` keeps their forwards in lockstep
-    (see LockstepBatches)."""
-    sequences = token_shards.iter_sequences(shards, seed=seed, epochs=None)
+    repeat with a new shard and row order). The same seed gives the same stream; `resume` (a
+    checkpoint's `position()`) continues it exactly where that left off, running the model
+    only on sequences after it. With several hosts, each passes its own shards, seed and
+    share of `batch_size`, and `host_max` keeps their forwards in lockstep (see
+    LockstepBatches)."""
+    start = 0 if resume is None else resume.sequences
+    sequences = token_shards.iter_sequences(shards, seed=seed, epochs=None, start=start)
     buffer = ShuffleBuffer(buffer_rows, row_dim, seed)
-    return LockstepBatches(sequences, tap, buffer, lm_batch_size, batch_size, bos_id, host_max)
+    return LockstepBatches(
+        sequences, tap, buffer, lm_batch_size, batch_size, bos_id, host_max, resume=resume
+    )

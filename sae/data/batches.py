@@ -81,9 +81,13 @@ def batches(
     start_step: int = 0,
     host_rows: list[slice] | None = None,
     tap: activations.LockstepTap | None = None,
+    resume: activations.StreamPosition | None = None,
 ) -> Iterator[np.ndarray]:
     """This host's rows of each batch from `start_step` on (`host_rows` of each; all of them
-    when None). Streaming needs the model's `tap`."""
+    when None). Streaming needs the model's `tap`, and returns the LockstepBatches itself
+    (its `position()` is what a checkpoint saves); from `resume`, the position saved at
+    `start_step`, it continues without running the model over the steps before, else it
+    replays the stream to `start_step`."""
     cfg = config.train
     if source.npy is not None:
         return _npy_batches(source.npy, cfg.batch_size, cfg.seed, start_step, host_rows)
@@ -94,10 +98,12 @@ def batches(
         return reader.batches(start_step, host_rows)
     if tap is None:
         raise ValueError("train.source=stream: batches() needs the model's activation tap")
-    stream = _stream(config, source, tap, host_rows)
-    if start_step:
+    stream = _stream(config, source, tap, host_rows, resume)
+    if start_step and resume is None:
         log("train", f"replaying the activation stream to step {start_step}")
-    return itertools.islice(stream, start_step, None)
+        for _ in itertools.islice(stream, start_step):
+            pass
+    return stream
 
 
 def _npy_batches(
@@ -121,7 +127,8 @@ def _stream(
     source: Source,
     tap: activations.LockstepTap,
     host_rows: list[slice] | None,
-) -> Iterator[np.ndarray]:
+    resume: activations.StreamPosition | None,
+) -> activations.LockstepBatches:
     """Shuffled batches of activations of the model over this host's train shards, in
     lockstep with the other hosts."""
     cfg, tokens = config.train, source.tokens_manifest or {}
@@ -143,4 +150,5 @@ def _stream(
         tokens["tokenizer"]["bos_id"],
         seed,
         host_max,
+        resume,
     )

@@ -63,12 +63,13 @@ def read_shard(uri: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def iter_sequences(
-    shards: Sequence[str], seed: int | None = None, epochs: int | None = 1
+    shards: Sequence[str], seed: int | None = None, epochs: int | None = 1, start: int = 0
 ) -> Iterator[tuple[np.ndarray, int]]:
     """Sequences of the given shards, shard order (and row order) shuffled per epoch if seeded.
 
-    `epochs=None` repeats forever. Memory holds one shard at a time.
-    """
+    `epochs=None` repeats forever. Memory holds one shard at a time. `start` skips that many
+    sequences of the stream (a resumed run's position): whole shards are passed over by their
+    footers' row counts, not read, and the shuffles advance as if they had been."""
     epoch = 0
     while epochs is None or epoch < epochs:
         order = np.arange(len(shards))
@@ -76,10 +77,16 @@ def iter_sequences(
         if seed is not None:
             rng.shuffle(order)
         for index in order:
+            if start and start >= (count := shard_counts(shards[index])[0]):
+                if seed is not None:
+                    rng.shuffle(np.arange(count))  # the same draws as reading it
+                start -= count
+                continue
             tokens, lengths = read_shard(shards[index])
             rows = np.arange(len(tokens))
             if seed is not None:
                 rng.shuffle(rows)
-            for row in rows:
+            for row in rows[start:]:
                 yield tokens[row], int(lengths[row])
+            start = 0
         epoch += 1

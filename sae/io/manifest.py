@@ -69,10 +69,11 @@ def is_up_to_date(
     output_uri: str, stage: str, config: dict[str, Any], inputs: dict[str, str]
 ) -> bool:
     manifest = read(output_uri)
+    # Compared as stored: JSON has lists where a config may hold tuples.
     return (
         manifest is not None
         and manifest.get("stage") == stage
-        and manifest.get("config") == config
+        and manifest.get("config") == json.loads(json.dumps(config))
         and manifest.get("inputs") == inputs
     )
 

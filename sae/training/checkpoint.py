@@ -15,7 +15,7 @@ class Checkpointer:
     writes each host's shards and has the primary host write the metadata and the record."""
 
     def __init__(self, directory_uri: str, max_to_keep: int = 2, read_only: bool = False) -> None:
-        self.directory_uri = directory_uri
+        self.directory_uri, self.max_to_keep = directory_uri, max_to_keep
         # read_only: another run's checkpoints (a warm start), which must stay as they are.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else max_to_keep,
@@ -28,6 +28,9 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, record: dict[str, Any]) -> None:
         self.manager.save(

@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 
 from sae import arch, sharding
 from sae.config import PipelineConfig, TrainConfig
-from sae.data import batches
+from sae.data import activations, batches
 from sae.errors import ConfigError, InputError, Preempted
 from sae.io import manifest, saelens, storage
 from sae.io.stages import StageOutput, run_stage
@@ -55,6 +55,8 @@ from sae.training.step import (
     to_host,
 )
 
+# Under the train output: each checkpoint's stream position per host (streaming runs).
+STREAM_POSITIONS = "stream-positions"
 # Keys that change how a run is observed, not what it computes: a checkpoint written under
 # other values of these can still be resumed.
 _OBSERVATIONAL_KEYS = ("log_every", "checkpoint_every")
@@ -253,19 +255,39 @@ def build_members(
 
 
 def _global_batches(
-    config: PipelineConfig, source: batches.batches.Source, trainer: StepTrainer, start_step: int
-) -> Iterator[np.ndarray | jax.Array]:
-    """The batches from `start_step` on: numpy on one host, global arrays on several."""
+    config: PipelineConfig,
+    source: batches.Source,
+    trainer: StepTrainer,
+    start_step: int,
+    resume: activations.StreamPosition | None,
+) -> tuple[Iterator[np.ndarray | jax.Array], Iterator[np.ndarray]]:
+    """The batches from `start_step` on (numpy on one host, global arrays on several), and
+    this host's underlying iterator (a LockstepBatches when streaming)."""
     cfg = config.train
     tap = None
     if source.streams:
         backbone = lm.load_backbone(config.preset_uri, config.model.dtype)
         tap = lm.ActivationTap(backbone, cfg.sites, trainer.mesh)
     if jax.process_count() == 1:
-        return batches.batches(config, source, start_step, None, tap)
+        local = batches.batches(config, source, start_step, None, tap, resume)
+        return local, local
     host_rows = trainer.host_rows(cfg.batch_size)
-    local = batches.batches(config, source, start_step, host_rows, tap)
-    return (trainer.put_batch(rows, cfg.batch_size) for rows in local)
+    local = batches.batches(config, source, start_step, host_rows, tap, resume)
+    return (trainer.put_batch(rows, cfg.batch_size) for rows in local), local
+
+
+def _position_uri(output: str, step: int) -> str:
+    """Where this host's stream position at checkpoint `step` is saved."""
+    name = f"host-{jax.process_index():05d}.npz"
+    return storage.join(output, STREAM_POSITIONS, str(step), name)
+
+
+def _saved_position(
+    source: batches.Source, output: str, step: int | None
+) -> activations.StreamPosition | None:
+    if not source.streams or step is None or not storage.exists(_position_uri(output, step)):
+        return None
+    return activations.StreamPosition.from_bytes(storage.read_bytes(_position_uri(output, step)))
 
 
 def _train(
@@ -278,7 +300,19 @@ def _train(
     start_step = _resume_step(checkpoints, resume_key)
     members = build_members(cfg, source.d_model, by_site=source.npy is None)
     trainer = StepTrainer(members, mesh, cfg.dead_window_tokens, cfg.max_skipped_steps)
-    rows = _global_batches(config, source, trainer, start_step or 0)
+    position = _saved_position(source, output, start_step)
+    rows, local = _global_batches(config, source, trainer, start_step or 0, position)
+    resumed: dict[str, Any] = {}
+    if start_step is not None and source.streams:
+        # Forwards run to get back to the data position: none from a saved one; the whole
+        # run so far when replaying (a checkpoint without one).
+        replayed = 0 if position is not None else int(getattr(local, "forwards", 0))
+        resumed = {"step": start_step, "replayed_lm_batches": replayed}
+        how = "its saved position" if position is not None else "a replay"
+        log(
+            "train",
+            f"activation stream at step {start_step} from {how}: {replayed} model batches re-run",
+        )
 
     if start_step is None:
         first = next(rows)
@@ -320,8 +354,18 @@ def _train(
             **({"skipped": int(skipped)} if skipped else {}),
         )
 
+    # Positions kept: those of the checkpoints Orbax keeps (the newest max_to_keep).
+    saved_positions = checkpoints.all_steps()
+
     def on_checkpoint(step: int, states: dict[str, TrainState]) -> None:
         record = {"step": step, "resume_key": resume_key, "tokens_seen": step * cfg.batch_size}
+        if isinstance(local, activations.LockstepBatches):
+            # Each host its own; written before the checkpoint that makes it findable.
+            storage.write_bytes(_position_uri(output, step), local.position().to_bytes())
+            saved_positions.append(step)
+            for old in saved_positions[: -checkpoints.max_to_keep]:
+                storage.delete(_position_uri(output, old))  # Orbax dropped that checkpoint
+            del saved_positions[: -checkpoints.max_to_keep]
         checkpoints.save(step, states, record)
         metrics_log.flush()
         log("train", f"checkpoint saved at step {step}")
@@ -364,6 +408,8 @@ def _train(
     result = _export(config, source, members, states, last_metrics)
     if warm is not None:
         result.extra["init_from"] = {"uri": warm.uri, "step": warm.step}
+    if resumed:
+        result.extra["resumed"] = resumed
     return result
 
 

@@ -5,9 +5,14 @@ run, printed as JSON.
     python bench/train_step.py --shapes issue --dtype bfloat16 --peak-tflops 989  # H100
 
 A step is the full `StepTrainer.step` (forward, backward, Adam, decoder renormalisation, dead and
-dense tracking) on a batch already on the device. The reference does the five dense matmuls a
-ReLU SAE step needs (10*B*d*m FLOPs) and nothing else, so `vs_reference` says how close a step
-comes to pure matmul speed on this machine; MFU is given when the peak is known.
+dense tracking, the non-finite guard) on a batch already on the device; steps cycle through
+`--fresh-batches` distinct batches, the dead window is one batch and `--dead-fraction` of the
+latents are kept from firing, so AuxK (top-k and decoder over the dead latents) runs as it does
+while latents are dying. The reference does
+the five dense matmuls a ReLU SAE step needs (10*B*d*m FLOPs) and nothing else, so
+`vs_reference` says how close a step comes to pure matmul speed on this machine; MFU is given
+when the peak is known. `transcoder:<architecture>` and `skip_transcoder:<architecture>` time
+the same architecture as a transcoder (input and target columns of a two-site row).
 """
 
 from __future__ import annotations
@@ -68,8 +73,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="small")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--architectures", default="relu,topk,batchtopk,jumprelu")
+    parser.add_argument(
+        "--architectures",
+        default="relu,topk,batchtopk,matryoshka_batchtopk,jumprelu,skip_transcoder:topk",
+    )
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--fresh-batches", type=int, default=4, help="distinct batches cycled")
+    parser.add_argument(
+        "--dead-fraction",
+        type=float,
+        default=0.25,
+        help="latents made dead (encoder bias -1e3) so AuxK runs as while latents are dying",
+    )
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak, for MFU")
     args = parser.parse_args()
     shape = SHAPES[args.shapes]
@@ -80,26 +95,39 @@ def main() -> None:
     reference = _time(reference_step(batch, d, m, args.dtype), args.repeats)
     results = []
     for name in args.architectures.split(","):
-        kwargs = {"k": k} if name in ("topk", "batchtopk") else {}
-        spec = SaeSpec(architecture=name, learning_rate=1e-4, **kwargs)
+        kind, _, architecture = name.rpartition(":")
+        kwargs = {"k": k} if "topk" in architecture else {}
+        if architecture == "matryoshka_batchtopk":
+            kwargs["matryoshka_widths"] = (m // 16, m // 4, m)
+        spec = SaeSpec(architecture=architecture, kind=kind or "sae", learning_rate=1e-4, **kwargs)
         sae = arch.build(spec, d, d_sae=m, matmul_dtype=args.dtype)
-        members = {
-            name: Member(
-                sae, TrainConfig(steps=1000, lr_warmup_steps=0, lr_decay_fraction=0.0), (0, d)
-            )
-        }
-        trainer = StepTrainer(members, mesh, dead_window_tokens=10**12)
-        rows = np.random.default_rng(0).normal(size=(batch, d)).astype(np.float32)
-        states = {"value": trainer.init_state(0, rows)}
-        x = trainer.put_batch(rows)
+        train = TrainConfig(steps=1000, lr_warmup_steps=0, lr_decay_fraction=0.0)
+        targets = (d, 2 * d) if kind else None
+        members = {name: Member(sae, train, (0, d), targets)}
+        # A dead window of one batch: latents that did not fire in it are dead, AuxK runs.
+        trainer = StepTrainer(members, mesh, dead_window_tokens=batch)
+        rng = np.random.default_rng(0)
+        width = 2 * d if kind else d
+        rows = [
+            rng.normal(size=(batch, width)).astype(np.float32) for _ in range(args.fresh_batches)
+        ]
+        state = trainer.init_state(0, rows[0])[name]
+        # Random rows light up nearly every latent; dead ones are what makes AuxK run.
+        dead = int(args.dead_fraction * m)
+        params = {**state.params, "b_enc": state.params["b_enc"].at[:dead].set(-1e3)}
+        states = {"value": {name: state.replace(params=params)}, "next": 0}
+        batches = [trainer.put_batch(r) for r in rows]
 
-        def step(states=states, trainer=trainer, x=x):
+        def step(states=states, trainer=trainer, batches=batches):
+            x = batches[states["next"] % len(batches)]
+            states["next"] += 1
             states["value"], metrics = trainer.step(states["value"], x)
             return metrics
 
         seconds = _time(step, args.repeats)
         entry = {
             "architecture": name,
+            "auxk_ran": bool(float(step().get(f"{name}/auxk", 0.0)) > 0),
             "seconds_per_step": seconds,
             "tokens_per_second": batch / seconds,
             "vs_reference": reference / seconds,

@@ -692,6 +692,8 @@ def test_startup_script_runs_the_stage_in_the_image_on_this_worker(tmp_path) -> 
     assert {"--privileged", "--net=host", "--ipc=host"} <= set(run)
     assert "TPU_WORKER_ID=1" in run and "TPU_WORKER_HOSTNAMES=10.0.0.2,10.0.0.3" in run
     assert run[run.index("--name") + 1] == startup_script.CONTAINER  # for `docker logs`
+    # SIGTERM's checkpoint gets most of a spot VM's ~30 s notice, not docker's default 10 s.
+    assert 20 <= int(run[run.index("--stop-timeout") + 1]) < 30
     assert not any(arg.startswith("-v") for arg in run), "no config to mount"
     container = run[run.index(image) + 1 :]
     assert container == [

@@ -2,6 +2,7 @@
 
 import itertools
 
+import ml_dtypes
 import numpy as np
 
 from sae.data import token_shards
@@ -135,3 +136,29 @@ def test_a_stream_resumed_from_its_position_continues_exactly_without_the_model(
     # Together, no more forwards than the straight run plus the ones in flight at the save.
     assert first.forwards + resumed_tap.forwards <= straight_tap.forwards + 2
     assert resumed_tap.forwards < straight_tap.forwards - first.forwards + 3
+
+
+class Bfloat16Tap(CountingTap):
+    """The counting tap as a bfloat16 model's: it says so, and its rows are bfloat16."""
+
+    dtype = np.dtype(ml_dtypes.bfloat16)
+
+    def __call__(self, token_ids, lengths):
+        return [out.astype(ml_dtypes.bfloat16) for out in super().__call__(token_ids, lengths)]
+
+
+def test_a_bfloat16_model_streams_bfloat16_batches(tmp_path):
+    """Half the host memory and host-to-device bytes, the same values: the batches of a
+    bfloat16 tap are the float32 stream's rounded to bfloat16, in the same order, and the
+    position a checkpoint saves keeps them bit for bit."""
+    shards = _shards(tmp_path)
+    wide = list(itertools.islice(_stream(shards, CountingTap()), 12))
+    stream = _stream(shards, Bfloat16Tap())
+    narrow = list(itertools.islice(stream, 12))
+    assert all(batch.dtype == ml_dtypes.bfloat16 for batch in narrow)
+    for got, want in zip(narrow, wide, strict=True):
+        np.testing.assert_array_equal(got, want.astype(ml_dtypes.bfloat16))
+    position = StreamPosition.from_bytes(stream.position().to_bytes())
+    assert position.buffer_rows.dtype == ml_dtypes.bfloat16
+    resumed = _stream(shards, Bfloat16Tap(), resume=position)
+    np.testing.assert_array_equal(next(resumed), next(stream))

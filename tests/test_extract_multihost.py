@@ -118,7 +118,8 @@ def test_tap_returns_the_model_compute_dtype_and_consumers_cast_to_float32(tmp_p
         content = int(activations.content_mask(tokens, lengths, 2).sum())
         assert rows.dtype == expected and rows.shape == (content, 32)
 
-        # The store keeps them exactly in float32, with fp32 norms; the training buffer is fp32.
+        # The store keeps them exactly in float32, with fp32 norms; the training buffer keeps
+        # the tap's dtype (training casts to float32 on the device).
         part = activation_store.part_uri(str(tmp_path / dtype), 0)
         writer = activation_store.PartWriter(part, [0, 1], 16, len(rows), 8, "float32")
         writer.append(rows)
@@ -131,8 +132,8 @@ def test_tap_returns_the_model_compute_dtype_and_consumers_cast_to_float32(tmp_p
         np.testing.assert_array_equal(
             stored.assemble(stored.chunks, stored.read_chunks(stored.chunks)), wide
         )
-        batch = next(activations.ShuffleBuffer(len(rows), 32, 0).batches(iter([rows]), 4))
-        assert batch.dtype == np.float32
+        buffer = activations.ShuffleBuffer(len(rows), 32, 0, tap.dtype)
+        assert next(buffer.batches(iter([rows]), 4)).dtype == expected
 
 
 def _extract_args(local_run, workdir: Path) -> list[str]:

@@ -129,3 +129,13 @@ def test_pipeline_on_gcs(local_run, gcs_bucket_uri):
     assert storage.exists(storage.join(workdir, "report", "index.html"))
     for stage in ("tokens", "sae", "report"):
         assert manifest.read(storage.join(workdir, stage)) is not None
+
+
+def test_a_bfloat16_model_trains_from_its_bfloat16_stream(local_run, tmp_path):
+    """model.dtype=bfloat16: the stream's batches stay bfloat16 up to the device (see
+    tests/test_activations.py) and the step casts them; training ends with finite weights."""
+    args = [*_train_workdir(local_run, tmp_path / "bf16"), "model.dtype=bfloat16"]
+    assert main(["train", *args]) == 0
+    for sae in SMALL_SAES:
+        weights = load_file(tmp_path / "bf16" / "sae" / sae / "sae_weights.safetensors")
+        assert all(np.isfinite(value).all() for value in weights.values())

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import ml_dtypes
 import numpy as np
 
 from sae.data import token_shards
@@ -77,10 +78,13 @@ class StreamPosition:
 
     def to_bytes(self) -> bytes:
         out = io.BytesIO()
+        # .npz has no bfloat16: such rows go as their 16-bit patterns.
+        bf16 = self.buffer_rows.dtype == ml_dtypes.bfloat16
         np.savez(
             out,
-            buffer_rows=self.buffer_rows,
-            pending_rows=self.pending_rows,
+            buffer_rows=self.buffer_rows.view(np.uint16) if bf16 else self.buffer_rows,
+            pending_rows=self.pending_rows.view(np.uint16) if bf16 else self.pending_rows,
+            bfloat16=np.bool_(bf16),
             sequences=np.int64(self.sequences),
             rng_state=np.frombuffer(json.dumps(self.rng_state).encode(), np.uint8),
         )
@@ -89,10 +93,13 @@ class StreamPosition:
     @classmethod
     def from_bytes(cls, data: bytes) -> StreamPosition:
         with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+            rows, pending = saved["buffer_rows"], saved["pending_rows"]
+            if bool(saved["bfloat16"]):
+                rows, pending = rows.view(ml_dtypes.bfloat16), pending.view(ml_dtypes.bfloat16)
             return cls(
-                saved["buffer_rows"],
+                rows,
                 json.loads(saved["rng_state"].tobytes().decode()),
-                saved["pending_rows"],
+                pending,
                 int(saved["sequences"]),
             )
 
@@ -101,9 +108,10 @@ class ShuffleBuffer:
     """A fixed-capacity pool of rows; batches are drawn at random once it is full, so rows from
     many sequences and documents mix while memory stays at `capacity` rows."""
 
-    def __init__(self, capacity: int, dim: int, seed: int) -> None:
-        # float32 whatever the tap's dtype: rows are cast on the way in, the SAE trains in fp32.
-        self.data = np.empty((capacity, dim), np.float32)
+    def __init__(self, capacity: int, dim: int, seed: int, dtype: Any = np.float32) -> None:
+        # The tap's dtype (bfloat16 for a bfloat16 model): batches cross to the device at the
+        # width the model computed, and the step casts them to float32 (exactly).
+        self.data = np.empty((capacity, dim), dtype)
         self.size = 0
         self.rng = np.random.default_rng(seed)
 
@@ -260,7 +268,7 @@ class LockstepBatches:
         self._shape: tuple[int, int] | None = None  # of a model batch
         self._dispatched = 0  # forwards run, the same count on every host
         self._in_flight: deque[tuple[list[Any], np.ndarray, np.ndarray]] = deque()
-        self._rows = np.empty((0, buffer.data.shape[1]), np.float32)  # read, not yet buffered
+        self._rows = np.empty((0, buffer.data.shape[1]), buffer.data.dtype)  # not yet buffered
         self._votes: deque[Any] = deque()
         self._step = self._voted = 0
         self._sequences = 0  # of the stream, in forwards dispatched (its position)
@@ -268,7 +276,7 @@ class LockstepBatches:
         self._prefilled = 0
         if resume is not None:
             buffer.restore(resume.buffer_rows, resume.rng_state)
-            self._rows = resume.pending_rows.astype(np.float32)
+            self._rows = resume.pending_rows.astype(buffer.data.dtype)
             self._sequences = resume.sequences
             self._prefilled = self._total = buffer.size + len(self._rows)
 
@@ -281,7 +289,7 @@ class LockstepBatches:
         """The data position after the batches returned so far (waits for the forwards in
         flight: their rows are part of it)."""
         in_flight = [_content_rows(*f, self.bos_id) for f in self._in_flight]
-        pending = np.concatenate([self._rows, *in_flight]).astype(np.float32)
+        pending = np.concatenate([self._rows, *in_flight]).astype(self.buffer.data.dtype)
         return StreamPosition(
             self.buffer.data[: self.buffer.size].copy(),
             self.buffer.rng.bit_generator.state,
@@ -368,7 +376,13 @@ def training_batches(
     LockstepBatches)."""
     start = 0 if resume is None else resume.sequences
     sequences = token_shards.iter_sequences(shards, seed=seed, epochs=None, start=start)
-    buffer = ShuffleBuffer(buffer_rows, row_dim, seed)
+    # bfloat16 rows stay bfloat16 (half the host memory and the host-to-device bytes).
+    dtype = (
+        ml_dtypes.bfloat16
+        if np.dtype(getattr(tap, "dtype", np.float32)) == ml_dtypes.bfloat16
+        else np.float32
+    )
+    buffer = ShuffleBuffer(buffer_rows, row_dim, seed, dtype)
     return LockstepBatches(
         sequences, tap, buffer, lm_batch_size, batch_size, bos_id, host_max, resume=resume
     )

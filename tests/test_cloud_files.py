@@ -721,21 +721,28 @@ GCLOUD_TPU_STUB = """
         state = json.load(handle)
     state["calls"].append(sys.argv[1:])
     args = [a for a in sys.argv[1:] if not a.startswith(("--project=", "--zone="))]
-    code, out = 0, ""
+    code, out, err = 0, "", ""
     if args[:3] == ["compute", "tpus", "queued-resources"]:
         verb, qr = args[3], state["qr"]
-        if verb == "describe":
-            if qr is None:
-                code = 1
+        state["describes"] = state.get("describes", 0) + (verb == "describe")
+        if verb == "describe" and qr is None:
+            code, err = 1, f"ERROR: (gcloud) NOT_FOUND: Resource '{args[4]}' was not found"
+        elif verb == "describe" and state["scenario"] == "flaky" and state["describes"] % 2:
+            # Every other call a transient API error, which is not a missing slice.
+            code, err = 1, "ERROR: (gcloud) UNAVAILABLE: The service is currently unavailable"
+        elif verb == "describe" and any("failedData" in a for a in args):
+            out = "Quota 'TPUV5S_LITEPOD_SERVING_PER_PROJECT_PER_ZONE' exceeded. Limit: 0.0"
+        elif verb == "describe":
+            qr["polls"] += 1
+            preempt = state["scenario"] == "preempted" and qr["attempt"] == 1
+            if qr["polls"] < 2:
+                out = "WAITING_FOR_RESOURCES"
+            elif state["scenario"] == "quota":
+                out = "FAILED"
+            elif preempt and qr["polls"] >= 3:
+                out = "SUSPENDED"
             else:
-                qr["polls"] += 1
-                preempt = state["scenario"] == "preempted" and qr["attempt"] == 1
-                if qr["polls"] < 2:
-                    out = "WAITING_FOR_RESOURCES"
-                elif preempt and qr["polls"] >= 3:
-                    out = "SUSPENDED"
-                else:
-                    out = "ACTIVE"
+                out = "ACTIVE"
         elif verb == "create":
             state["attempts"] += 1
             status = [a for a in args if a.startswith("--metadata=")][0]
@@ -759,21 +766,13 @@ GCLOUD_TPU_STUB = """
             out = json.dumps({"worker": worker, "exit_code": 1 if failed else 0, "host": "t1v"})
     with open(STATE, "w") as handle:
         json.dump(state, handle)
-    print(out)
+    print(out) if code == 0 else print(err, file=sys.stderr)
     sys.exit(code)
 """
 
 
-@pytest.mark.parametrize(
-    ("scenario", "exit_code", "attempts"),
-    [("finished", 0, 1), ("preempted", 0, 2), ("failed", 1, 1)],
-)
-def test_retrain_script_requests_waits_for_and_deletes_the_slice(
-    scenario: str, exit_code: int, attempts: int, tmp_path
-) -> None:
-    """Against a fake gcloud: request a private spot slice as the runtime account, wait for
-    every worker's exit code, request again after a preemption, show the end of the output of
-    worker 0 (or of the worker that failed) in the build log, delete the slice in the end."""
+def _run_retrain_script(scenario: str, tmp_path: Path) -> tuple[Any, Path]:
+    """retrain.sh against the fake gcloud in `scenario`; (the finished process, its state)."""
     bin_dir, state = tmp_path / "bin", tmp_path / "state.json"
     bin_dir.mkdir()
     _stub(bin_dir, "gcloud", GCLOUD_TPU_STUB)
@@ -794,10 +793,37 @@ def test_retrain_script_requests_waits_for_and_deletes_the_slice(
         text=True,
         timeout=120,
     )
+    return result, state
+
+
+def test_a_provisioning_failure_is_reported_not_retried_as_a_preemption(tmp_path) -> None:
+    """A queued resource that FAILED (quota, a bad runtime version) is not lost capacity:
+    retrain.sh prints the API's reason and stops after one request, deleting it."""
+    result, state = _run_retrain_script("quota", tmp_path)
+    assert result.returncode == 1
+    assert "provisioning gemma-sae-retrain failed: Quota 'TPUV5S_LITEPOD" in result.stderr
+    final = json.loads(state.read_text())
+    assert final["attempts"] == 1 and final["qr"] is None
+
+
+@pytest.mark.parametrize(
+    ("scenario", "exit_code", "attempts"),
+    [("finished", 0, 1), ("flaky", 0, 1), ("preempted", 0, 2), ("failed", 1, 1)],
+)
+def test_retrain_script_requests_waits_for_and_deletes_the_slice(
+    scenario: str, exit_code: int, attempts: int, tmp_path
+) -> None:
+    """Against a fake gcloud: request a private spot slice as the runtime account, wait for
+    every worker's exit code, request again after a preemption (and only then: an API error
+    on describe is retried, not read as a lost slice), show the end of the output of worker 0
+    (or of the worker that failed) in the build log, delete the slice in the end."""
+    result, state = _run_retrain_script(scenario, tmp_path)
     assert result.returncode == exit_code, result.stderr
 
     final = json.loads(state.read_text())
     assert final["qr"] is None, "the slice was not deleted"
+    if scenario == "flaky":
+        assert "UNAVAILABLE" in result.stderr and "preempted" not in result.stderr
     creates = [
         c for c in final["calls"] if c[:4] == ["compute", "tpus", "queued-resources", "create"]
     ]

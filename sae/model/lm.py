@@ -137,15 +137,23 @@ def mlp_hook(block: Any, replace: MlpReplacement | None = None) -> Iterator[dict
         del first.call, last.call
 
 
+def call_with_mlp(
+    block: Any, x: jax.Array, padding_mask: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(block output, MLP input, MLP output) of one decoder block on the residual stream x."""
+    with mlp_hook(block) as captured:
+        out = block(x, padding_mask=padding_mask)
+    return out, captured["mlp_in"], captured["mlp_out"]
+
+
 def run_to_mlp(
     backbone: Any, token_ids: jax.Array, padding_mask: jax.Array, layer: int
 ) -> tuple[jax.Array, jax.Array]:
     """(MLP input, MLP output) of block `layer`, [batch, seq, hidden] each: what a
     transcoder at that layer reads and predicts."""
     x = run_blocks(backbone, embed(backbone, token_ids), padding_mask, 0, layer)
-    with mlp_hook(backbone.transformer_layers[layer]) as captured:
-        backbone.transformer_layers[layer](x, padding_mask=padding_mask)
-    return captured["mlp_in"], captured["mlp_out"]
+    _, mlp_in, mlp_out = call_with_mlp(backbone.transformer_layers[layer], x, padding_mask)
+    return mlp_in, mlp_out
 
 
 def final_logits(backbone: Any, x: jax.Array) -> jax.Array:
@@ -218,10 +226,8 @@ class ActivationTap:
             for layer in range(max(site.layer for site in self.sites) + 1):
                 block = backbone.transformer_layers[layer]
                 if layer in mlp_layers:
-                    with mlp_hook(block) as captured:
-                        x = block(x, padding_mask=padding_mask)
-                    found[Site(layer, "mlp_in")] = captured["mlp_in"]
-                    found[Site(layer, "mlp_out")] = captured["mlp_out"]
+                    x, mlp_in, mlp_out = call_with_mlp(block, x, padding_mask)
+                    found[Site(layer, "mlp_in")], found[Site(layer, "mlp_out")] = mlp_in, mlp_out
                 else:
                     x = block(x, padding_mask=padding_mask)
                 found[Site(layer)] = x

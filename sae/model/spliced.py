@@ -154,8 +154,8 @@ class SplicedLoss:
         )
 
     def _substitutes(self, params, read: jax.Array) -> list[jax.Array]:
-        """The activations each path puts in place of `read` (clean, zeros, then each model's
-        from `read` itself; a transcoder's from the MLP input, passed as `read`)."""
+        """Each model's substitute for `read`, computed from `read` itself (a transcoder's MLP
+        output from the MLP input, passed as `read`), in `read`'s shape."""
         flat = read.astype(jnp.float32).reshape(-1, read.shape[-1])
         return [
             reconstruct(p, flat).reshape(read.shape)
@@ -175,9 +175,7 @@ class SplicedLoss:
         entering = lm.run_blocks(
             backbone, lm.embed(backbone, token_ids), padding_mask, 0, self.layer
         )
-        with lm.mlp_hook(block) as captured:
-            clean = block(entering, padding_mask=padding_mask)
-        mlp_in, mlp_out = captured["mlp_in"], captured["mlp_out"]
+        clean, mlp_in, mlp_out = lm.call_with_mlp(block, entering, padding_mask)
         outputs = [jnp.zeros_like(mlp_out), *self._substitutes(params, mlp_in)]
         paths = [clean]
         for out in outputs:

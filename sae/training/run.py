@@ -285,9 +285,12 @@ def _position_uri(output: str, step: int) -> str:
 def _saved_position(
     source: batches.Source, output: str, step: int | None
 ) -> activations.StreamPosition | None:
-    if not source.streams or step is None or not storage.exists(_position_uri(output, step)):
+    if not source.streams or step is None:
         return None
-    return activations.StreamPosition.from_bytes(storage.read_bytes(_position_uri(output, step)))
+    uri = _position_uri(output, step)
+    if not storage.exists(uri):  # a checkpoint from before positions were saved: replay
+        return None
+    return activations.StreamPosition.from_bytes(storage.read_bytes(uri))
 
 
 def _train(

@@ -160,6 +160,11 @@ class TrainConfig:
     # Activation rows held for shuffling; bounds host memory whatever the corpus size.
     shuffle_buffer: int = 16384
     checkpoint_every: int = 200
+    # SAELens' n_checkpoints: this many snapshots of every SAE, evenly spaced through training
+    # (every ceil(steps / (n + 1)) steps), each kept in SAELens' format at
+    # sae/<name>/checkpoints/<training tokens>/ (the resume checkpoints keep only the last two).
+    # The report evaluates them as a curve over training tokens.
+    n_checkpoints: int = 0
     log_every: int = 25
     # A latent that has not fired for this many training tokens counts as dead (10M is the
     # field's default; the tiny local run sees fewer tokens than that in total).
@@ -206,6 +211,12 @@ class TrainConfig:
         _positive(self, "dead_window_tokens")
         _non_negative(self, "lr_warmup_steps", "grad_clip_norm")
         _non_negative(self, "sparsity_warmup_steps", "lr_final_fraction", "max_skipped_steps")
+        _non_negative(self, "n_checkpoints")
+        if self.n_checkpoints >= self.steps:
+            raise ConfigError(
+                f"train.n_checkpoints ({self.n_checkpoints}) must be below train.steps "
+                f"({self.steps})"
+            )
         if not 0 <= self.lr_decay_fraction <= 1:
             raise ConfigError("train.lr_decay_fraction must be in [0, 1]")
         if self.lr_warmup_steps + self.lr_decay_steps > self.steps:
@@ -230,6 +241,14 @@ class TrainConfig:
     @property
     def lr_decay_steps(self) -> int:
         return round(self.steps * self.lr_decay_fraction)
+
+    @property
+    def snapshot_steps(self) -> list[int]:
+        """The steps of the n_checkpoints snapshots, spaced as SAELens spaces them."""
+        if not self.n_checkpoints:
+            return []
+        every = -(-self.steps // (self.n_checkpoints + 1))
+        return list(range(every, self.steps, every))[: self.n_checkpoints]
 
     @property
     def layers(self) -> list[int]:
@@ -291,11 +310,15 @@ class ReportConfig:
     # Training-split tokens whose mean activation gives the spliced metrics a mean-ablation
     # baseline (CE recovered against the mean, not only against zeros); 0 skips it.
     mean_ablation_tokens: int = 20_000
+    # Held-out sequences on which the snapshots of train.n_checkpoints and the final SAEs are
+    # spliced for the curve over training tokens (report/curve.json); 0 leaves the spliced
+    # metrics out of the curve. Costs about (2 + snapshots + SAEs) forwards per sequence.
+    curve_sequences: int = 32
 
     def validate(self) -> None:
         _positive(self, "eval_tokens", "top_contexts")
         _non_negative(self, "context_window", "max_features", "num_steering", "spliced_sequences")
-        _non_negative(self, "mean_ablation_tokens")
+        _non_negative(self, "mean_ablation_tokens", "curve_sequences")
         if any(i < 0 for i in self.steering_features):
             raise ConfigError("report.steering_features must be non-negative feature indices")
 

@@ -168,10 +168,12 @@ SMALL = [
     "train.batch_size=256",
     "train.shuffle_buffer=2048",
     "train.checkpoint_every=30",
+    "train.n_checkpoints=1",
     "train.log_every=10",
     "report.eval_tokens=4000",
     "report.max_features=40",
     "report.num_steering=4",
+    "report.curve_sequences=64",
 ]
 
 

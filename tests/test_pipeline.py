@@ -46,6 +46,32 @@ def test_pipeline_writes_a_real_report(local_run, name):
     assert model["final_heldout_loss"] < 0.6 * model["initial_heldout_loss"]
 
 
+def test_snapshots_give_a_held_out_curve_over_training_tokens(local_run):
+    """train.n_checkpoints=1 of 60 steps of 256: one snapshot at step 30, in SAELens' format;
+    the report judges it and the final SAE on the same tokens and sequences."""
+    from sae.io import saelens
+
+    train = manifest.read(str(local_run / "sae"))
+    assert train["checkpoints"] == {name: [30 * 256] for name in SMALL_SAES}
+    summary = json.loads((local_run / "report" / "metrics.json").read_text())["saes"]
+    curve = json.loads((local_run / "report" / "curve.json").read_text())
+    assert curve["spliced_sequences"] == 64
+    for name in SMALL_SAES:
+        _, _, snapshot_cfg = saelens.load(str(local_run / "sae" / name / "checkpoints" / "7680"))
+        assert snapshot_cfg["training_tokens"] == 7680
+        early, final = curve["saes"][name]
+        assert [early["training_tokens"], final["training_tokens"]] == [7680, 60 * 256]
+        # The final point is the report's own evaluation (the curve's spliced sequences are
+        # the report's here: both 64, more than the held-out split has).
+        for key in ("l0", "fraction_variance_explained", "delta_lm_loss", "kl_div_with_sae"):
+            assert final[key] == pytest.approx(summary[name][key], rel=1e-4, abs=1e-6), key
+        # Another SAE: 30 more steps change what it does.
+        assert early["fraction_variance_explained"] != final["fraction_variance_explained"]
+        assert all(np.isfinite(v) for v in early.values())
+    assert 'src="curve.png"' in (local_run / "report" / "index.html").read_text()
+    assert (local_run / "report" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_every_stage_wrote_its_outputs_then_a_manifest(local_run):
     for stage_dir in STAGE_DIRS:
         found = manifest.read(str(local_run / stage_dir))
@@ -53,6 +79,11 @@ def test_every_stage_wrote_its_outputs_then_a_manifest(local_run):
         for output in found["outputs"]:
             assert storage.exists(output), output
         assert "jax" in found["versions"] or stage_dir in ("corpus",)
+        resources = found["resources"]
+        assert resources["peak_host_memory_scope"] == "stage"
+        # Each stage's own peak: a Python process with JAX loaded holds a few hundred MB.
+        assert 50 * 2**20 < resources["peak_host_memory_bytes"] < 20 * 2**30
+        assert resources["wall_seconds"] >= 0
 
 
 def test_rerun_does_nothing_and_a_changed_config_reruns_only_its_stage(local_run, capsys):

@@ -94,3 +94,32 @@ def training_curves(records: list[dict[str, float]], name: str) -> bytes | None:
     figure.suptitle(f"Training: {name}", fontsize=11)
     figure.tight_layout()
     return _png(figure)
+
+
+# The curve over training tokens: what each panel plots (report/curve.json's keys).
+TOKEN_CURVES = (
+    ("delta_lm_loss", "held-out delta LM loss (nats/token)"),
+    ("fraction_variance_explained_without_dominant", "held-out FVE without dominant dims"),
+    ("l0", "held-out L0"),
+    ("dead_fraction", "dead fraction (held out)"),
+)
+
+
+def token_curves(curves: dict[str, list[dict]]) -> bytes:
+    """Held-out metrics against training tokens, one line per SAE (report/curve.json)."""
+    figure = Figure(figsize=(10, 6.5))
+    for i, (metric, label) in enumerate(TOKEN_CURVES):
+        axes = figure.add_subplot(2, 2, i + 1)
+        axes.set_xlabel("training tokens")
+        axes.set_title(label, fontsize=10)
+        axes.set_xscale("log")
+        for name, points in curves.items():
+            xy = [(p["training_tokens"], p[metric]) for p in points if p.get(metric) is not None]
+            if xy:
+                axes.plot(*zip(*xy, strict=True), marker="o", label=name)
+        axes.grid(alpha=0.3)
+        if i == 0:
+            axes.legend(fontsize=8)
+    figure.suptitle("Held-out metrics over training", fontsize=11)
+    figure.tight_layout()
+    return _png(figure)

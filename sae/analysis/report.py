@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from sae.analysis import (
     plots,
     report_html,
     steering,
+    token_curve,
 )
 from sae.arch.spec import Site
 from sae.config import PipelineConfig
@@ -93,8 +95,13 @@ def _load_saes(config: PipelineConfig, train_manifest: dict) -> tuple[dict[str, 
 
 def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str]) -> StageOutput:
     cfg, output = config.report, config.report_uri
-    saes, preset = _load_saes(config, manifest.require(config.sae_uri, "train"))
-    read = [saelens.sites(sae_cfg) for _, _, sae_cfg in saes.values()]
+    train_manifest = manifest.require(config.sae_uri, "train")
+    saes, preset = _load_saes(config, train_manifest)
+    entries = list(saes.values())
+    # Judged in the same passes as the final SAEs, after them in every list.
+    snapshots = token_curve.load_snapshots(config.sae_uri, train_manifest)
+    curve_entries = entries + [snapshot.entry for snapshot in snapshots]
+    read = [saelens.sites(sae_cfg) for _, _, sae_cfg in curve_entries]
     sites = sorted({site for pair in read for site in pair if site is not None})
     mesh = sharding.make_mesh(config.train.mesh_data, 1)
     backbone = lm.load_backbone(preset, config.model.dtype)
@@ -107,7 +114,7 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
         evaluation.EvalModel(
             sae, params, sites.index(source), None if target is None else sites.index(target)
         )
-        for (sae, params, _), (source, target) in zip(saes.values(), read, strict=True)
+        for (sae, params, _), (source, target) in zip(curve_entries, read, strict=True)
     ]
     progress = Progress("report", planned_tokens(cfg.eval_tokens, tokens_manifest))
     results = evaluation.evaluate(
@@ -125,13 +132,46 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
     # evaluated): the last line reports what was done.
     progress.total = progress.done
     progress.close()
+    results, snapshot_results = results[: len(entries)], results[len(entries) :]
+    held_out = [dict(result.metrics) for result in results + snapshot_results]
     means = {}
     if cfg.spliced_sequences and cfg.mean_ablation_tokens:
         train_shards = tokens_manifest["shards"]["train"]
         means = _training_means(tap, iter_sequences(train_shards), config, bos_id)
     del tap  # its device copy of the weights; the spliced pass makes its own
+    spliced_pass = functools.partial(
+        _spliced_metrics,
+        config,
+        backbone,
+        eval_shards=eval_shards,
+        bos_id=bos_id,
+        mesh=mesh,
+        means=means,
+    )
     if cfg.spliced_sequences:
-        _add_spliced_metrics(config, backbone, saes, results, eval_shards, bos_id, mesh, means)
+        for result, metrics in zip(
+            results, spliced_pass(entries, cfg.spliced_sequences), strict=True
+        ):
+            result.metrics.update(metrics)
+    curve_files = []
+    if snapshots:
+        curve_spliced = (
+            spliced_pass(curve_entries, cfg.curve_sequences, label="curve ")
+            if cfg.spliced_sequences and cfg.curve_sequences
+            else [{} for _ in curve_entries]
+        )
+        named = list(saes) + [s.name for s in snapshots]
+        tokens = [sae_cfg["training_tokens"] for _, _, sae_cfg in entries]
+        tokens += [s.tokens for s in snapshots]
+        curves = token_curve.curve_points(
+            [
+                (name, t, {**metrics, **more})
+                for name, t, metrics, more in zip(
+                    named, tokens, held_out, curve_spliced, strict=True
+                )
+            ]
+        )
+        curve_files = _write_curve(config, curves)
     processor = spm.SentencePieceProcessor(model_proto=presets.tokenizer_proto(preset))
     w_u = logit_effects.unembedding(backbone)
     training_log = plots.read_training_log(storage.join(config.sae_uri, "metrics.jsonl"))
@@ -164,9 +204,12 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
         summary_files["metrics"],
         {"split": "eval (held out by tokenize; never trained on)", "saes": all_metrics},
     )
-    storage.write_text(summary_files["html"], report_html.render_overview("SAE run", overview))
+    storage.write_text(
+        summary_files["html"],
+        report_html.render_overview("SAE run", overview, curve=bool(curve_files)),
+    )
     counts = {f"{name}/{k}": v for name, m in all_metrics.items() for k, v in m.items()}
-    return StageOutput(counts, files + list(summary_files.values()))
+    return StageOutput(counts, files + curve_files + list(summary_files.values()))
 
 
 def _training_means(
@@ -188,37 +231,71 @@ def _training_means(
     return {site: total / tokens for site, total in zip(tap.sites, sums, strict=True)}
 
 
-def _add_spliced_metrics(
+def _spliced_metrics(
     config: PipelineConfig,
     backbone: Any,
-    saes: dict[str, tuple],
-    results: list[evaluation.EvalResult],
+    entries: list[tuple],
+    count: int,
+    *,
     eval_shards: list[str],
     bos_id: int,
     mesh: Mesh,
     means: dict[Site, np.ndarray],
-) -> None:
-    """CE loss recovered, delta LM loss and KL of every SAE, one model pass per spliced site
-    for all the SAEs writing it (SAEs: the residual stream after their layer; transcoders:
-    that block's MLP output), on the first `report.spliced_sequences` held-out sequences."""
+    label: str = "",
+) -> list[dict[str, Any]]:
+    """CE loss recovered, delta LM loss and KL of every SAE of `entries` ((sae, params, cfg)
+    triples), one model pass per spliced site for all the SAEs writing it (SAEs: the residual
+    stream after their layer; transcoders: that block's MLP output), on the first `count`
+    held-out sequences."""
     by_site: dict[Site, list[int]] = {}
-    for i, (_, _, sae_cfg) in enumerate(saes.values()):
+    for i, (_, _, sae_cfg) in enumerate(entries):
         source, target = saelens.sites(sae_cfg)
         by_site.setdefault(target or source, []).append(i)
-    entries = list(saes.values())
-    count = config.report.spliced_sequences
+    metrics: list[dict[str, Any]] = [{} for _ in entries]
     for site, indices in sorted(by_site.items()):
         models = [spliced.sae_model(entries[i][0], entries[i][1]) for i in indices]
         loss = spliced.SplicedLoss(
             backbone, site.layer, models, mesh, bos_id, means.get(site), site.point
         )
-        progress = Progress(f"report spliced {site.label}", count, unit="seq")
+        progress = Progress(f"report {label}spliced {site.label}", count, unit="seq")
         sums = spliced.evaluate_spliced(
             loss, iter_sequences(eval_shards), config.train.lm_batch_size, count, progress
         )
         progress.close()
         for position, i in enumerate(indices):
-            results[i].metrics.update(sums.metrics(position))
+            metrics[i] = sums.metrics(position)
+    return metrics
+
+
+def _write_curve(config: PipelineConfig, curves: dict[str, list[dict]]) -> list[str]:
+    """report/curve.json and curve.png: each SAE's held-out metrics at its snapshots and at
+    the end of training."""
+    cfg = config.report
+    files = {
+        "json": storage.join(config.report_uri, "curve.json"),
+        "png": storage.join(config.report_uri, "curve.png"),
+    }
+    storage.write_json(
+        files["json"],
+        {
+            "split": "eval (held out by tokenize; never trained on)",
+            "eval_tokens_planned": cfg.eval_tokens,
+            "spliced_sequences": cfg.curve_sequences if cfg.spliced_sequences else 0,
+            "saes": curves,
+        },
+    )
+    storage.write_bytes(files["png"], plots.token_curves(curves))
+    for name, points in curves.items():
+        log(
+            "report",
+            f"{name} over training tokens: "
+            + "; ".join(
+                f"{p['training_tokens']}: delta LM loss {p.get('delta_lm_loss', float('nan')):.3f}"
+                f", FVE w/o dominant {p['fraction_variance_explained_without_dominant']:.3f}"
+                for p in points
+            ),
+        )
+    return list(files.values())
 
 
 def _report_one(

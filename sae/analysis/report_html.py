@@ -7,9 +7,16 @@ from typing import Any
 
 from sae.analysis.dashboard import STYLE, escape
 
+_CURVE = """<h2>Over training</h2>
+<p>Each SAE's snapshots (train.n_checkpoints) and its final weights, judged on the same held-out
+tokens and spliced on the same held-out sequences (<a href="curve.json">curve.json</a>).</p>
+<img src="curve.png" alt="held-out metrics against training tokens">
+"""
 
-def render_overview(title: str, rows: list[dict[str, Any]]) -> str:
-    """One row per SAE of the run with its headline held-out metrics and a link to its page."""
+
+def render_overview(title: str, rows: list[dict[str, Any]], curve: bool = False) -> str:
+    """One row per SAE of the run with its headline held-out metrics and a link to its page;
+    `curve`: the run has snapshots, and curve.png beside the page plots them."""
     columns = ["name", "architecture", "layer", "d_sae", "l0", "fraction_variance_explained"]
     columns += ["ce_loss_recovered", "delta_lm_loss", "kl_div_with_sae"]
     columns += ["dead_fraction", "dense_latents"]
@@ -33,5 +40,5 @@ def render_overview(title: str, rows: list[dict[str, Any]]) -> str:
 <p>Held-out evaluation of every SAE trained in this run; click a name for its feature
 dashboard.</p>
 <table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-</body></html>
+{_CURVE if curve else ""}</body></html>
 """

@@ -234,6 +234,12 @@ def check_model_dim(cfg: dict[str, Any], d_model: int, sae: str, model: str) -> 
         )
 
 
+def snapshot_uri(sae_uri: str, name: str, tokens: int) -> str:
+    """Where SAE `name` of a train output at `sae_uri` keeps its snapshot after `tokens`
+    training tokens (SAELens names its checkpoint folders by training tokens)."""
+    return storage.join(sae_uri, name, "checkpoints", str(tokens))
+
+
 def save(directory_uri: str, params: dict[str, np.ndarray], cfg: dict[str, Any]) -> list[str]:
     weights_uri = storage.join(directory_uri, WEIGHTS_NAME)
     config_uri = storage.join(directory_uri, CONFIG_NAME)

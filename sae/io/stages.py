@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sae.io import manifest, storage
+from sae.io.peak_memory import StageMemory
 from sae.progress import log
 
 
@@ -32,7 +33,8 @@ def run_stage(
     """Run `body` unless the output's manifest already matches; returns whether it ran.
 
     The body writes its outputs; the manifest is written after it returns, so an output
-    without a manifest is, by definition, unfinished.
+    without a manifest is, by definition, unfinished. The manifest's `resources` records the
+    stage's wall time and peak memory (sae.io.peak_memory).
     """
     if not force and manifest.is_up_to_date(output_uri, stage, config, inputs):
         log(
@@ -42,11 +44,18 @@ def run_stage(
         )
         return False
     storage.check_writable(output_uri)
+    memory = StageMemory()
     result = body()
-    if writes_manifest:
-        manifest.write(
-            output_uri, stage, config, inputs, result.counts, result.outputs, result.extra
+    resources = memory.summary()
+    if "peak_host_memory_bytes" in resources:
+        log(
+            stage,
+            f"{resources['wall_seconds']:.0f} s, peak host memory "
+            f"{resources['peak_host_memory_bytes'] / 2**30:.2f} GiB",
         )
+    if writes_manifest:
+        extra = {**result.extra, "resources": resources}
+        manifest.write(output_uri, stage, config, inputs, result.counts, result.outputs, extra)
         log(stage, f"done: {manifest.manifest_uri(output_uri)}")
     else:
         log(stage, f"done; {manifest.manifest_uri(output_uri)} is written by process 0")

@@ -250,6 +250,19 @@ class StepTrainer:
         spans = sorted({index[0].indices(batch_size)[:2] for index in indices.values()})
         return [slice(start, stop) for start, stop in spans]
 
+    def row_group(self, batch_size: int) -> tuple[int, int]:
+        """(this host's group, number of groups), where a group is the hosts whose devices
+        hold the same rows of each batch (several when the model axis spans hosts): such
+        hosts must read the same data, and different groups different data."""
+        spans: dict[int, set[tuple[int, int]]] = {}
+        for device, index in self.batch_sharding.devices_indices_map((batch_size, 1)).items():
+            spans.setdefault(device.process_index, set()).add(index[0].indices(batch_size)[:2])
+        groups = sorted({frozenset(s) for s in spans.values()}, key=sorted)
+        held = [row for group in groups for row in group]
+        if len(held) != len(set(held)):
+            raise ValueError("hosts hold overlapping but different rows of the batch")
+        return groups.index(frozenset(spans[jax.process_index()])), len(groups)
+
     def put_batch(self, batch: np.ndarray, batch_size: int | None = None) -> jax.Array:
         """A global batch on the mesh. One host passes it whole; with several, each passes
         its own rows (`host_rows` of the `batch_size` rows, in that order)."""
@@ -435,6 +448,8 @@ class LoopHooks:
     on_metrics: Callable[[int, dict[str, float]], None] = lambda step, metrics: None
     on_checkpoint: Callable[[int, dict[str, TrainState]], None] = lambda step, state: None
     should_stop: Callable[[], bool] = lambda: False
+    # After every step, before its checkpoint (SAE snapshots at chosen steps).
+    after_step: Callable[[int, dict[str, TrainState]], None] = lambda step, states: None
     clock: Callable[[], float] = field(default=time.perf_counter)
 
 
@@ -465,6 +480,7 @@ def run_loop(
             window_start, window_tokens = now, 0
             hooks.on_metrics(step, values)
             check_finite_steps(step, values, trainer.max_skipped_steps)
+        hooks.after_step(step, states)
         saved = step % checkpoint_every == 0 or step == steps
         if saved:
             hooks.on_checkpoint(step, states)

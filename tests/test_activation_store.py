@@ -84,6 +84,35 @@ def test_reader_resumes_at_an_exact_step(tmp_path):
     assert not np.array_equal(next(other), expected[0])
 
 
+def test_host_groups_each_read_their_own_chunks_and_together_every_row(tmp_path):
+    parts = [_rows(700, 0), _rows(333, 1)]  # 17 chunks of up to 64 rows
+    _ids(parts)
+    uri = str(tmp_path / "store")
+    _write(uri, parts)
+    records = [{"rows": 700, "layers": LAYERS}, {"rows": 333, "layers": LAYERS}]
+    window, share, groups = 96, 32, 3
+    seen, straight = [], []
+    for group in range(groups):
+        store = activation_store.StoreRows(uri, LAYERS, records)  # its own read counter
+        reader = activation_store.ShuffledReader(store, share, window, 5, group, groups)
+        epoch_rows = sum(c.rows for c in reader._epoch_chunks(0))
+        batches = reader.batches()
+        taken = [next(batches) for _ in range(-(-epoch_rows // share))]
+        seen.append(np.concatenate(taken)[:epoch_rows, 0].astype(int))
+        straight.append(taken)
+        # About a third of the store, plus at most two windows of lookahead (the one being
+        # consumed and the next, fetched while it is): never the whole store.
+        lookahead = 2 * reader.window_chunks * 64 * store.row_bytes
+        assert store.bytes_read <= epoch_rows * store.row_bytes + lookahead
+        assert epoch_rows <= 1.1 * store.num_rows / groups + 64
+        # A group resumes at an exact step of its own stream.
+        resumed = activation_store.ShuffledReader(store, share, window, 5, group, groups)
+        np.testing.assert_array_equal(next(resumed.batches(3)), taken[3])
+    every = np.concatenate(seen)
+    assert sorted(every) == list(range(1033))  # each row once, by exactly one group
+    assert not np.array_equal(straight[0][0], straight[1][0])
+
+
 def test_bfloat16_store_keeps_bf16_precision(tmp_path):
     rows = _rows(200, 0) * 40
     store = _write(str(tmp_path / "store"), [rows], dtype="bfloat16")

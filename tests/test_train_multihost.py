@@ -1,11 +1,12 @@
 """The train stage across hosts: two CPU processes joined by jax.distributed train one set of
-SAEs, from a store (the same batches, so the same weights, as one process) and streaming (each
-host its own shards, in lockstep); and the pieces that make this work on their own."""
+SAEs, from a store (each host its own chunks, about half the reads) and streaming (each host
+its own shards, in lockstep); and the pieces that make this work on their own."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from jobs.cli import main
-from sae.data import activation_store, activations
+from sae.data import activations
 from sae.io import manifest
 from sae.training.step import agreed_stop
 
@@ -184,28 +185,6 @@ def test_a_stop_asked_on_one_host_stops_every_host_at_the_same_step():
         assert list(pool.map(run, range(2))) == [9, 9]
 
 
-def test_hosts_shares_of_a_store_batch_make_up_the_whole_batch(tmp_path):
-    rows = np.random.default_rng(0).normal(size=(700, 8)).astype(np.float32)
-    rows[:, 0] = np.arange(700)
-    writer = activation_store.PartWriter(
-        activation_store.part_uri(str(tmp_path), 0), [0], 8, 700, 64
-    )
-    writer.append(rows)
-    store = activation_store.StoreRows(str(tmp_path), [0], [writer.close()])
-
-    def reader(start: int, host_rows=None):
-        return activation_store.ShuffledReader(store, 96, 200, seed=1).batches(start, host_rows)
-
-    whole = reader(0)
-    shares = [reader(0, [slice(0, 48)]), reader(0, [slice(48, 96)])]
-    split = reader(5, [slice(0, 24), slice(72, 96)])  # a host with two blocks, resumed
-    for step in range(12):  # past an epoch (700 rows)
-        batch = next(whole)
-        np.testing.assert_array_equal(np.concatenate([next(s) for s in shares]), batch)
-        if step >= 5:
-            np.testing.assert_array_equal(next(split), np.concatenate([batch[:24], batch[72:]]))
-
-
 def _launch(args: list[str], logs: Path, port: int) -> list[subprocess.Popen]:
     """`gemma-sae train` as processes 0 and 1 of one jax.distributed runtime, 2 CPU devices
     each, stderr to logs/process-<p>.log (a file: a full pipe would stall both hosts)."""
@@ -263,9 +242,18 @@ def _losses(sae_dir: Path, name: str) -> list[float]:
     return [json.loads(line)[f"{name}/loss"] for line in lines]
 
 
+def _store_reads(err: str) -> tuple[float, float]:
+    """(MiB read by the host, MiB in the store) from a host's log."""
+    match = re.search(r"this host read ([\d.]+) MiB of the activation store's ([\d.]+) MiB", err)
+    assert match, err[-3000:]
+    return float(match[1]), float(match[2])
+
+
 @pytest.mark.slow
-def test_two_hosts_train_from_a_store_as_one_and_resume_after_a_stop_on_one(local_run, tmp_path):
-    extract = ["extract.layers=[1]", "extract.chunk_rows=256", "extract.dtype=float32"]
+def test_two_hosts_read_half_a_store_each_and_resume_after_a_stop_on_one(local_run, tmp_path):
+    # 4096 rows of 64 float32 (1 MiB) in chunks of 128; 24 steps of 256 rows: 1.5 epochs.
+    extract = ["extract.layers=[1]", "extract.chunk_rows=128", "extract.dtype=float32"]
+    extract.append("extract.max_rows=4096")
     assert main(["extract", *reuse_run(local_run, tmp_path / "data"), *extract]) == 0
     # A 2 x 2 mesh: the batch split over the hosts, latents over each host's two devices.
     common = [
@@ -275,10 +263,25 @@ def test_two_hosts_train_from_a_store_as_one_and_resume_after_a_stop_on_one(loca
         "train.mesh_data=2",
         "train.mesh_model=2",
         "train.checkpoint_every=4",
+        "train.shuffle_buffer=512",  # 256 rows (two chunks) per host
     ]
-    multi = [*reuse_run(local_run, tmp_path / "multi"), *common]
+
+    # Straight through: each host reads its own chunks, about half of what training needs.
+    logs = tmp_path / "straight"
+    straight = _wait(
+        _launch([*reuse_run(local_run, tmp_path / "straight-run"), *common], logs, _free_port()),
+        logs,
+    )
+    for process, (code, err) in enumerate(straight):
+        assert code == 0, f"process {process} failed:\n{err[-3000:]}"
+        read, store = _store_reads(err)
+        assert store == 1.0
+        # Its half of 1.5 epochs (0.75 MiB), plus at most two windows of lookahead
+        # (0.125 MiB): every host reading the whole stream would read 1.5 MiB or more.
+        assert 0.75 <= read <= 0.75 + 0.125, read
 
     # SIGTERM reaches host 1 alone: both hosts stop at one step, checkpoint and exit 75...
+    multi = [*reuse_run(local_run, tmp_path / "multi"), *common]
     port, logs = _free_port(), tmp_path / "stopped"
     procs = _launch(multi, logs, port)
     _wait_for_line(logs / "process-1.log", "checkpoint saved at step 4", procs)
@@ -289,16 +292,13 @@ def test_two_hosts_train_from_a_store_as_one_and_resume_after_a_stop_on_one(loca
     assert messages[0] == messages[1] and "preempted: stopped at step" in messages[0]
     assert manifest.read(str(tmp_path / "multi" / "sae")) is None
 
-    # ...and both resume from it to the end.
+    # ...and both resume from it to the end, with the weights of the run never stopped.
     logs = tmp_path / "resumed"
     resumed = _wait(_launch(multi, logs, _free_port()), logs)
     for process, (code, err) in enumerate(resumed):
         assert code == 0, f"process {process} failed:\n{err[-3000:]}"
         assert "resumed from the checkpoint at step" in err
-
-    # One process on the same mesh shape trains on the same batches: the same SAEs.
-    assert main(["train", *reuse_run(local_run, tmp_path / "single"), *common]) == 0
-    one, two = _weights(tmp_path / "single" / "sae"), _weights(tmp_path / "multi" / "sae")
+    one, two = _weights(tmp_path / "straight-run" / "sae"), _weights(tmp_path / "multi" / "sae")
     for name in SMALL_SAES:
         for key, value in one[name].items():
             np.testing.assert_allclose(two[name][key], value, rtol=1e-5, atol=1e-6)

@@ -203,9 +203,18 @@ class StoreRows:
             for part, rows in enumerate(self.part_rows)
             for start in range(0, rows, self.chunk_rows)
         ]
+        self.row_bytes = sum(self.d_model * first.dtype.numpy_dtype.itemsize for _ in self.sites)
+        # What this process has asked of the store so far (the per-host read tests count it).
+        self.bytes_read = 0
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the chosen sites' arrays, as read (uncompressed)."""
+        return self.num_rows * self.row_bytes
 
     def read_chunks(self, chunks: Sequence[Chunk]) -> list[ts.Future]:
         """Start reading chunks (every site); the futures resolve to bf16/fp32 arrays."""
+        self.bytes_read += sum(c.rows for c in chunks) * self.row_bytes
         return [
             array[c.start : c.start + c.rows].read()
             for c in chunks
@@ -226,22 +235,50 @@ class StoreRows:
 class ShuffledReader:
     """Endless seeded batches from a store: per epoch a permutation of the chunks, cut into
     windows of `window_chunks`; rows shuffled within a window; windows and epochs follow each
-    other in one stream, so batch N is rows [N * batch, (N + 1) * batch) of that stream."""
+    other in one stream, so batch N is rows [N * batch, (N + 1) * batch) of that stream.
 
-    def __init__(self, rows: StoreRows, batch_size: int, window_rows: int, seed: int) -> None:
+    With several groups of hosts (`group` of `groups`; a group: the hosts holding the same rows
+    of each batch), each group reads only its own chunks: every `groups`-th of the epoch's
+    permutation, from its `group`-th on. `batch_size` and `window_rows` are then the group's
+    shares. Together the groups still see every row once per epoch, and each reads about
+    1/groups of the store (as each streaming host reads its own token shards)."""
+
+    def __init__(
+        self,
+        rows: StoreRows,
+        batch_size: int,
+        window_rows: int,
+        seed: int,
+        group: int = 0,
+        groups: int = 1,
+    ) -> None:
+        if not 0 <= group < groups:
+            raise ValueError(f"group {group} of {groups}")
+        if groups > len(rows.chunks):
+            raise InputError(
+                f"the activation store at {rows.uri} has {len(rows.chunks)} chunks for {groups} "
+                "hosts reading their own: extract with a smaller extract.chunk_rows"
+            )
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.group, self.groups = group, groups
         self.window_chunks = max(1, math.ceil(window_rows / rows.chunk_rows))
 
-    def _windows(self, epoch: int) -> list[list[Chunk]]:
+    def _epoch_chunks(self, epoch: int) -> list[Chunk]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows.chunks))
-        chunks = [self.rows.chunks[i] for i in order]
+        return [self.rows.chunks[i] for i in order[self.group :: self.groups]]
+
+    def _windows(self, epoch: int) -> list[list[Chunk]]:
+        chunks = self._epoch_chunks(epoch)
         return [
             chunks[i : i + self.window_chunks] for i in range(0, len(chunks), self.window_chunks)
         ]
 
     def _schedule(self, position: int) -> Iterator[tuple[int, int, list[Chunk], int]]:
         """(epoch, window index, chunks, rows to skip) from stream position `position` on."""
-        epoch, skip = divmod(position, self.rows.num_rows)
+        epoch, skip = 0, position
+        # A group's epoch is its own chunks' rows, which differ a little from epoch to epoch.
+        while skip >= (rows := sum(c.rows for c in self._epoch_chunks(epoch))):
+            epoch, skip = epoch + 1, skip - rows
         while True:
             start = 0
             for index, window in enumerate(self._windows(epoch)):
@@ -262,22 +299,18 @@ class ShuffledReader:
             upcoming_reads = self.rows.read_chunks(upcoming[2])
             epoch, index, chunks, skip = current
             rows = self.rows.assemble(chunks, reads)
-            order = np.random.default_rng([self.seed, epoch, index, 1]).permutation(len(rows))
+            key = [self.seed, epoch, index, 1] + ([self.group] if self.groups > 1 else [])
+            order = np.random.default_rng(key).permutation(len(rows))
             yield rows[order[skip:]]
             current, reads = upcoming, upcoming_reads
 
-    def batches(
-        self, start_step: int = 0, rows: Sequence[slice] | None = None
-    ) -> Iterator[np.ndarray]:
-        """Batches from step `start_step` on. With several hosts, every host reads the same
-        stream and keeps `rows` of each batch (its devices' share, see Trainer.host_rows), so
-        the hosts' shares make up exactly the batch one host alone would train on."""
+    def batches(self, start_step: int = 0) -> Iterator[np.ndarray]:
+        """Batches (the group's share of each) from step `start_step` on."""
         queue = _RowQueue()
         for block in self._stream(start_step * self.batch_size):
             queue.push(block)
             while queue.size >= self.batch_size:
-                batch = queue.pop(self.batch_size)
-                yield batch if rows is None else np.concatenate([batch[r] for r in rows])
+                yield queue.pop(self.batch_size)
 
 
 def open_store(store_uri: str, sites: Sequence[int | Site]) -> tuple[StoreRows, dict]:

@@ -7,9 +7,11 @@
   (sae.model.lm.ActivationTap) is passed in: data sits below the model in the layering.
 
 Every host of a multi-host run calls `batches` with its `host_rows` (its devices' rows of each
-global batch). From files or a store every host reads the same seeded order and keeps its
-rows; streaming, host p runs the model over shards p::n into its own shuffle buffer, and the
-hosts agree on the forwards before each step (activations.LockstepBatches).
+global batch). From files every host reads the same seeded order and keeps its rows; from a
+store each group of hosts holding the same rows reads its own chunks (its `row_group`, see
+activation_store.ShuffledReader); streaming, host p runs the model over shards p::n into its
+own shuffle buffer, and the hosts agree on the forwards before each step
+(activations.LockstepBatches). Each host reads about 1/hosts of the data either way.
 """
 
 from __future__ import annotations
@@ -82,20 +84,27 @@ def batches(
     host_rows: list[slice] | None = None,
     tap: activations.LockstepTap | None = None,
     resume: activations.StreamPosition | None = None,
+    row_group: tuple[int, int] = (0, 1),
 ) -> Iterator[np.ndarray]:
     """This host's rows of each batch from `start_step` on (`host_rows` of each; all of them
-    when None). Streaming needs the model's `tap`, and returns the LockstepBatches itself
-    (its `position()` is what a checkpoint saves); from `resume`, the position saved at
-    `start_step`, it continues without running the model over the steps before, else it
-    replays the stream to `start_step`."""
+    when None; from a store, `row_group` is (this host's group, groups)). Streaming needs the
+    model's `tap`, and returns the LockstepBatches itself (its `position()` is what a
+    checkpoint saves); from `resume`, the position saved at `start_step`, it continues without
+    running the model over the steps before, else it replays the stream to `start_step`."""
     cfg = config.train
     if source.npy is not None:
         return _npy_batches(source.npy, cfg.batch_size, cfg.seed, start_step, host_rows)
     if source.store is not None:
+        share = cfg.batch_size if host_rows is None else sum(r.stop - r.start for r in host_rows)
         reader = activation_store.ShuffledReader(
-            source.store, cfg.batch_size, cfg.shuffle_buffer, cfg.seed
+            source.store,
+            share,
+            # Shared out like the batch: together the groups hold shuffle_buffer rows.
+            cfg.shuffle_buffer * share // cfg.batch_size,
+            cfg.seed,
+            *row_group,
         )
-        return reader.batches(start_step, host_rows)
+        return reader.batches(start_step)
     if tap is None:
         raise ValueError("train.source=stream: batches() needs the model's activation tap")
     stream = _stream(config, source, tap, host_rows, resume)

@@ -12,13 +12,14 @@ buffers and input scale of the same SAEs); the optimizer and the learning-rate s
 afresh. Scheduled retraining (jobs/cloud/retrain.py) uses it to continue from the latest good run.
 
 Several hosts (jax.distributed) train one set of SAEs on global batches that each host
-contributes its devices' rows to. From a store (or .npy files) every host reads the same seeded
-stream and keeps its rows of each batch, so the batches are exactly one host's. Streaming, host
-p runs the model over train shards p::n (train.lm_batch_size sequences per host and forward)
-into its own shuffle buffer, epochs repeating as on one host; the hosts agree on the forwards
-before each step (activations.LockstepBatches) and on when to stop after a SIGTERM. All hosts
-save and restore the checkpoints (Orbax coordinates them); process 0 alone writes the metrics,
-the SAEs and the manifest.
+contributes its devices' rows to. From .npy files every host reads the same seeded order and
+keeps its rows of each batch. From a store each group of hosts holding the same rows reads its
+own chunks of each epoch (about 1/hosts of the store; activation_store.ShuffledReader).
+Streaming, host p runs the model over train shards p::n (train.lm_batch_size sequences per host
+and forward) into its own shuffle buffer, epochs repeating as on one host; the hosts agree on
+the forwards before each step (activations.LockstepBatches) and on when to stop after a
+SIGTERM. All hosts save and restore the checkpoints (Orbax coordinates them); process 0 alone
+writes the metrics, the SAEs and the manifest.
 """
 
 from __future__ import annotations
@@ -272,7 +273,8 @@ def _global_batches(
         local = batches.batches(config, source, start_step, None, tap, resume)
         return local, local
     host_rows = trainer.host_rows(cfg.batch_size)
-    local = batches.batches(config, source, start_step, host_rows, tap, resume)
+    group = trainer.row_group(cfg.batch_size)
+    local = batches.batches(config, source, start_step, host_rows, tap, resume, group)
     return (trainer.put_batch(rows, cfg.batch_size) for rows in local), local
 
 
@@ -388,7 +390,8 @@ def _train(
     if jax.process_count() > 1:
         should_stop = agreed_stop(should_stop, HostMax(mesh))
     try:
-        hooks = LoopHooks(on_metrics, on_checkpoint, should_stop)
+        snapshots = SnapshotWriter(config, source, members)
+        hooks = LoopHooks(on_metrics, on_checkpoint, should_stop, snapshots.after_step)
         states = run_loop(
             trainer,
             states,
@@ -408,11 +411,20 @@ def _train(
     if final_step < cfg.steps:
         raise Preempted(f"stopped at step {final_step} on SIGTERM; checkpoint saved")
     progress.close(loss=last_metrics.get(f"{headline}/loss", float("nan")))
-    result = _export(config, source, members, states, last_metrics)
+    result = _export(config, source, members, states, last_metrics, snapshots)
     if warm is not None:
         result.extra["init_from"] = {"uri": warm.uri, "step": warm.step}
     if resumed:
         result.extra["resumed"] = resumed
+    if source.store is not None:
+        store = source.store
+        log(
+            "train",
+            f"this host read {store.bytes_read / 2**20:.1f} MiB of the activation store's "
+            f"{store.nbytes / 2**20:.1f} MiB ({store.bytes_read / store.nbytes:.1%})",
+        )
+        # Process 0's reads (it writes the manifest); every host logs its own.
+        result.extra["store_reads"] = {"bytes_read": store.bytes_read, "store_bytes": store.nbytes}
     return result
 
 
@@ -462,19 +474,20 @@ def exported(member: Member, state: TrainState, provenance: saelens.Provenance, 
     return saelens.fold_input_scale(weights, scale, output_scale), cfg
 
 
-def _export(
+def _exported_all(
     config: PipelineConfig,
     source: batches.Source,
     members: dict[str, Member],
     states: dict[str, TrainState],
-    last_metrics: dict[str, float],
-) -> StageOutput:
-    """Each SAE under sae/<name>/."""
-    cfg, output = config.train, config.sae_uri
-    outputs, saved, ready = [], {}, {}
+    step: int,
+) -> dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]:
+    """(weights, cfg.json) of every SAE as of `step`, all checked finite before any is
+    written (no half-written output). Every host must call it."""
+    cfg = config.train
     # .npy rows come with neither a model nor a text corpus to name.
     from_text = source.npy is None
     model_name = saelens.model_name(config.preset_uri) if from_text else None
+    ready = {}
     for sae_cfg in cfg.saes:
         name = sae_cfg.display_name()
         provenance = saelens.Provenance(
@@ -483,21 +496,76 @@ def _export(
             model_name=model_name,
             context_size=(source.tokens_manifest or {}).get("sequence_length"),
             dataset_path=config.corpus_uri if from_text else None,
-            training_tokens=cfg.steps * cfg.batch_size,
+            training_tokens=step * cfg.batch_size,
         )
-        weights, saved[name] = exported(
+        weights, sae_json = exported(
             members[name], states[name], provenance, name=name, activation_source=cfg.source
         )
         bad = [key for key, value in weights.items() if not np.isfinite(value).all()]
-        if bad:  # checked before anything is written: no half-written output
+        if bad:
             raise InputError(f"train: {name}'s {bad[0]} holds NaN or infinite values")
-        ready[name] = weights
-    for name, weights in ready.items():
+        ready[name] = weights, sae_json
+    return ready
+
+
+class SnapshotWriter:
+    """train.n_checkpoints: every SAE saved in SAELens' format at the chosen steps."""
+
+    def __init__(
+        self, config: PipelineConfig, source: batches.Source, members: dict[str, Member]
+    ) -> None:
+        self.config, self.source, self.members = config, source, members
+        self.steps = set(config.train.snapshot_steps)
+
+    def after_step(self, step: int, states: dict[str, TrainState]) -> None:
+        if step not in self.steps:
+            return
+        ready = _exported_all(self.config, self.source, self.members, states, step)
+        tokens = step * self.config.train.batch_size
+        if jax.process_index() == 0:
+            for name, (weights, sae_json) in ready.items():
+                saelens.save(
+                    saelens.snapshot_uri(self.config.sae_uri, name, tokens), weights, sae_json
+                )
+        log("train", f"SAE snapshots saved at step {step} ({tokens} tokens)")
+
+    def listing(self) -> tuple[dict[str, list[int]], list[str]]:
+        """The snapshots' training tokens per SAE, and their files (all written by now,
+        some perhaps before a resume)."""
+        cfg = self.config.train
+        tokens = [step * cfg.batch_size for step in cfg.snapshot_steps]
+        names = list(self.members)
+        files = [
+            storage.join(saelens.snapshot_uri(self.config.sae_uri, name, t), file)
+            for name in names
+            for t in tokens
+            for file in (saelens.WEIGHTS_NAME, saelens.CONFIG_NAME)
+        ]
+        return {name: tokens for name in names}, files
+
+
+def _export(
+    config: PipelineConfig,
+    source: batches.Source,
+    members: dict[str, Member],
+    states: dict[str, TrainState],
+    last_metrics: dict[str, float],
+    snapshots: SnapshotWriter,
+) -> StageOutput:
+    """Each SAE under sae/<name>/ (its snapshots, if any, under sae/<name>/checkpoints/)."""
+    cfg, output = config.train, config.sae_uri
+    ready = _exported_all(config, source, members, states, cfg.steps)
+    outputs: list[str] = []
+    for name, (weights, sae_json) in ready.items():
         if jax.process_index() == 0:  # every host has the weights; one writes them
-            outputs += saelens.save(storage.join(output, name), weights, saved[name])
+            outputs += saelens.save(storage.join(output, name), weights, sae_json)
+    snapshot_tokens, snapshot_files = snapshots.listing()
     counts = {
         "steps": cfg.steps,
         "tokens": cfg.steps * cfg.batch_size,
         **{f"final_{k}": v for k, v in last_metrics.items()},
     }
-    return StageOutput(counts, outputs, {"saes": saved})
+    extra: dict[str, Any] = {"saes": {name: sae_json for name, (_, sae_json) in ready.items()}}
+    if cfg.n_checkpoints:
+        extra["checkpoints"] = snapshot_tokens
+    return StageOutput(counts, snapshot_files + outputs, extra)

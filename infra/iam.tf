@@ -95,6 +95,20 @@ resource "google_storage_bucket_iam_member" "orchestrator_status_reader" {
   }
 }
 
+# The retraining build's lock (templates/retrain.sh.tftpl): created only where none exists,
+# deleted only at the generation it wrote; this one object, nothing else.
+resource "google_storage_bucket_iam_member" "orchestrator_retrain_lock" {
+  bucket = google_storage_bucket.data.name
+  role   = "roles/storage.objectUser"
+  member = local.orchestrator_member
+
+  condition {
+    title       = "retrain-lock-only"
+    description = "Only the retraining lock object."
+    expression  = "resource.name == \"projects/_/buckets/${google_storage_bucket.data.name}/objects/${var.retrain_status_prefix}LOCK\""
+  }
+}
+
 # ---- scheduled retraining ----
 
 resource "google_service_account" "retrain_invoker" {

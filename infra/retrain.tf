@@ -89,12 +89,13 @@ resource "google_cloudbuild_trigger" "retrain" {
     google_project_iam_member.orchestrator,
     google_service_account_iam_member.orchestrator_acts_as_tpu_runtime,
     google_storage_bucket_iam_member.orchestrator_status_reader,
+    google_storage_bucket_iam_member.orchestrator_retrain_lock,
   ]
 }
 
 # POST https://cloudbuild.googleapis.com/v1/projects/P/locations/L/triggers/ID:run with an
-# OAuth token of the invoker account. Not retried (Cloud Scheduler's default): a second build
-# of the same trigger would replace the first one's slice.
+# OAuth token of the invoker account. Not retried (Cloud Scheduler's default); a second build
+# started while one runs finds its lock and exits without touching it (retrain.sh.tftpl).
 resource "google_cloud_scheduler_job" "retrain" {
   count = local.retrain_enabled ? 1 : 0
 

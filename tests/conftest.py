@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 def _serve_emulator(argv: list[str]) -> None:
     """Run gcp-storage-emulator (``argv`` as for ``python -m gcp_storage_emulator``), with
     object downloads carrying ``x-goog-generation`` and ``x-goog-metageneration`` headers,
-    as real GCS sends them.
+    as real GCS sends them, and uploads honouring ``ifGenerationMatch`` (below).
 
     tensorstore (Orbax's array writer) takes an object's generation from those headers
     whenever it reads it. The emulator leaves them out, so every read of an existing
@@ -49,9 +49,33 @@ def _serve_emulator(argv: list[str]) -> None:
             response["x-goog-generation"] = str(obj["generation"])
             response["x-goog-metageneration"] = str(obj["metageneration"])
 
+    from gcp_storage_emulator.exceptions import NotFound
+
+    insert = objects.insert
+
+    def insert_with_preconditions(request, response, storage, *args, **kwargs):
+        # GCS refuses an upload whose ifGenerationMatch is not the object's generation (0:
+        # no object) with 412; the emulator ignores the parameter. Media and multipart
+        # uploads (what single-object writes use) honour it here.
+        wanted = request.query.get("ifGenerationMatch")
+        if wanted:
+            name = request.query.get("name", [None])[0]
+            if name is None and isinstance(request.data, dict):
+                name = request.data.get("meta", {}).get("name")
+            try:
+                current = storage.get_file_obj(request.params["bucket_name"], name)["generation"]
+            except NotFound:
+                current = "0"
+            if str(current) != wanted[0]:
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                response.json({"error": {"code": 412, "message": "Precondition Failed"}})
+                return None
+        return insert(request, response, storage, *args, **kwargs)
+
     # Patched before the server module is imported: its route table binds handlers then.
     assert "gcp_storage_emulator.server" not in sys.modules
     objects.download = download_with_generation
+    objects.insert = insert_with_preconditions
     from gcp_storage_emulator.__main__ import main
 
     main(argv)

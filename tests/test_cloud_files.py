@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +309,7 @@ def test_service_accounts_have_least_privilege() -> None:
             ("project", "roles/logging.logWriter"),
             ("service_account:tpu_runtime", "roles/iam.serviceAccountUser"),
             ("bucket:data", "roles/storage.objectViewer"),
+            ("bucket:data", "roles/storage.objectUser"),
         },
         "retrain_invoker": {
             ("project", "custom:retrain_invoker"),
@@ -322,6 +324,15 @@ def test_service_accounts_have_least_privilege() -> None:
     assert re.fullmatch(
         r'resource\.name\.startsWith\(\\"projects/_/buckets/\$\{google_storage_bucket\.data\.name\}'
         r'/objects/\$\{var\.retrain_status_prefix\}\\"\)',
+        condition["expression"],
+    ), condition["expression"]
+    # ...and writes one object: the retraining lock.
+    (condition,) = resources["google_storage_bucket_iam_member", "orchestrator_retrain_lock"][
+        "condition"
+    ]
+    assert re.fullmatch(
+        r'resource\.name == \\"projects/_/buckets/\$\{google_storage_bucket\.data\.name\}'
+        r'/objects/\$\{var\.retrain_status_prefix\}LOCK\\"',
         condition["expression"],
     ), condition["expression"]
     # The custom roles hold only TPU node permissions (create and delete among them) and only
@@ -715,23 +726,38 @@ def test_startup_script_runs_the_stage_in_the_image_on_this_worker(tmp_path) -> 
 
 
 GCLOUD_TPU_STUB = """
-    import json, os, sys
+    import fcntl, json, os, sys, time
     STATE = os.environ["STUB_STATE"]
+    # Several scripts may call at once (the lock test): one call at a time, as the API would.
+    guard = open(STATE + ".lock", "w")
+    fcntl.flock(guard, fcntl.LOCK_EX)
     with open(STATE) as handle:
         state = json.load(handle)
-    state["calls"].append(sys.argv[1:])
+    state["calls"].append([os.environ.get("RUN_ID", ""), *sys.argv[1:]])
     args = [a for a in sys.argv[1:] if not a.startswith(("--project=", "--zone="))]
+    flags = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    objects = state.setdefault("objects", {})  # uri -> {"data", "generation"}
     code, out, err = 0, "", ""
+
+    def precondition(uri):
+        want = flags.get("if-generation-match")
+        have = objects[uri]["generation"] if uri in objects else 0
+        return want is None or int(want) == have
+
     if args[:3] == ["compute", "tpus", "queued-resources"]:
         verb, qr = args[3], state["qr"]
         state["describes"] = state.get("describes", 0) + (verb == "describe")
+        fields = flags.get("format", "")
         if verb == "describe" and qr is None:
             code, err = 1, f"ERROR: (gcloud) NOT_FOUND: Resource '{args[4]}' was not found"
         elif verb == "describe" and state["scenario"] == "flaky" and state["describes"] % 2:
             # Every other call a transient API error, which is not a missing slice.
             code, err = 1, "ERROR: (gcloud) UNAVAILABLE: The service is currently unavailable"
-        elif verb == "describe" and any("failedData" in a for a in args):
+        elif verb == "describe" and "failedData" in fields:
             out = "Quota 'TPUV5S_LITEPOD_SERVING_PER_PROJECT_PER_ZONE' exceeded. Limit: 0.0"
+        elif verb == "describe" and "labels" in fields:
+            labels = qr.get("labels", {})
+            out = "\\t".join(labels.get(k, "") for k in ("gemma_sae_owner", "gemma_sae_deadline"))
         elif verb == "describe":
             qr["polls"] += 1
             preempt = state["scenario"] == "preempted" and qr["attempt"] == 1
@@ -743,18 +769,45 @@ GCLOUD_TPU_STUB = """
                 out = "SUSPENDED"
             else:
                 out = "ACTIVE"
+        elif verb == "create" and qr is not None:
+            code, err = 1, f"ERROR: (gcloud) ALREADY_EXISTS: {args[4]} already exists"
         elif verb == "create":
             state["attempts"] += 1
-            status = [a for a in args if a.startswith("--metadata=")][0]
-            status = status.split("=", 2)[2].split(",")[0]
+            status = flags["metadata"].split("=", 1)[1].split(",")[0]
+            labels = dict(kv.split("=", 1) for kv in flags.get("labels", "").split(",") if kv)
             state["qr"] = {"attempt": state["attempts"], "polls": 0, "status": status}
+            state["qr"]["labels"] = labels
         elif verb == "delete":
             state["qr"] = None
+            state["deleted"] = state.get("deleted", 0) + 1
+    elif args[:2] == ["storage", "cp"]:
+        source, uri = args[-2], args[-1]
+        if precondition(uri):
+            generation = state.setdefault("generation", 1000) + 1
+            state["generation"] = generation
+            objects[uri] = {"data": open(source).read(), "generation": generation}
+        else:
+            code, err = 1, "ERROR: HTTPError 412: a precondition did not hold"
+    elif args[:2] == ["storage", "rm"]:
+        uri = args[-1]
+        if uri in objects and precondition(uri):
+            del objects[uri]
+        else:
+            code, err = 1, "ERROR: HTTPError 412: precondition failed, or no such object"
+    elif args[:3] == ["storage", "objects", "describe"]:
+        if args[3] in objects:
+            out = str(objects[args[3]]["generation"])
+        else:
+            code, err = 1, "ERROR: (gcloud) NOT_FOUND: 404 object not found"
+    elif args[:2] == ["storage", "cat"] and args[2] in objects:
+        out = objects[args[2]]["data"].strip()
     elif args[:2] == ["storage", "cat"]:
         qr, uri = state["qr"], args[2]
         name = uri.rsplit("/", 1)[1]  # worker-N.json, or worker-N.log beside it
         worker = int(name.removeprefix("worker-").split(".")[0])
         finished = qr and qr["polls"] >= 4 and uri.startswith(qr["status"] + "/")
+        # The lock test holds the first run's workers until the second run is over.
+        finished = finished and not os.path.exists(STATE + ".hold")
         failed = state["scenario"] == "failed" and worker == 1
         if not finished:
             code = 1
@@ -764,28 +817,37 @@ GCLOUD_TPU_STUB = """
             out = "\\n".join([*lines, f"[retrain] {outcome}"])
         else:
             out = json.dumps({"worker": worker, "exit_code": 1 if failed else 0, "host": "t1v"})
-    with open(STATE, "w") as handle:
+    with open(STATE + ".tmp", "w") as handle:
         json.dump(state, handle)
+    os.replace(STATE + ".tmp", STATE)  # whole, for a test that reads it meanwhile
     print(out) if code == 0 else print(err, file=sys.stderr)
     sys.exit(code)
 """
 
 
-def _run_retrain_script(scenario: str, tmp_path: Path) -> tuple[Any, Path]:
-    """retrain.sh against the fake gcloud in `scenario`; (the finished process, its state)."""
-    bin_dir, state = tmp_path / "bin", tmp_path / "state.json"
+def _retrain_script_env(scenario: str, tmp_path: Path, **state: Any) -> tuple[dict, Path, Path]:
+    """A fake gcloud for retrain.sh in `scenario` (its state file starting with `state`): the
+    environment to run the script in, the rendered script and the state file."""
+    bin_dir, state_file = tmp_path / "bin", tmp_path / "state.json"
     bin_dir.mkdir()
     _stub(bin_dir, "gcloud", GCLOUD_TPU_STUB)
-    _stub(bin_dir, "sleep", "pass\n")
-    state.write_text(json.dumps({"scenario": scenario, "qr": None, "attempts": 0, "calls": []}))
+    _stub(bin_dir, "sleep", "import time; time.sleep(0.02)\n")
+    initial = {"scenario": scenario, "qr": None, "attempts": 0, "calls": [], **state}
+    state_file.write_text(json.dumps(initial))
     script = tmp_path / "retrain.sh"
     script.write_text(_render(RETRAIN_TEMPLATE, RETRAIN_VALUES))
     env = {
         **os.environ,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "STUB_STATE": str(state),
+        "STUB_STATE": str(state_file),
         "RUN_ID": "build-123",
     }
+    return env, script, state_file
+
+
+def _run_retrain_script(scenario: str, tmp_path: Path, **state: Any) -> tuple[Any, Path]:
+    """retrain.sh against the fake gcloud in `scenario`; (the finished process, its state)."""
+    env, script, state_file = _retrain_script_env(scenario, tmp_path, **state)
     result = subprocess.run(
         ["bash", str(script), "/workspace/startup.sh"],
         env=env,
@@ -793,7 +855,81 @@ def _run_retrain_script(scenario: str, tmp_path: Path) -> tuple[Any, Path]:
         text=True,
         timeout=120,
     )
-    return result, state
+    return result, state_file
+
+
+LOCK_URI = "gs://my-bucket/retrain-status/LOCK"
+
+
+def test_a_second_retrain_build_exits_and_touches_nothing_of_the_first(tmp_path) -> None:
+    """Two builds at once (a manual trigger during the scheduled run): the first takes the lock
+    and its slice; the second prints who holds the lock and exits 1, having created, deleted
+    and written nothing; the first then finishes, deletes its slice and releases the lock."""
+    env, script, state_file = _retrain_script_env("finished", tmp_path)
+    (tmp_path / "state.json.hold").touch()  # the first run's workers do not finish yet
+    command = ["bash", str(script), "/workspace/startup.sh"]
+    first = subprocess.Popen(
+        command, env={**env, "RUN_ID": "build-a"}, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while json.loads(state_file.read_text())["attempts"] == 0:
+        assert first.poll() is None and time.monotonic() < deadline, "no slice requested"
+        time.sleep(0.05)
+    second = subprocess.run(
+        command, env={**env, "RUN_ID": "build-b"}, capture_output=True, text=True, timeout=60
+    )
+    during = json.loads(state_file.read_text())
+    (tmp_path / "state.json.hold").unlink()
+    _, first_err = first.communicate(timeout=120)
+
+    assert second.returncode == 1
+    last = second.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"\[retrain\] another retraining run \(build build-a\) holds "
+        + re.escape(LOCK_URI)
+        + r" until \d+; this one does not start",
+        last,
+    ), second.stderr
+    calls_b = [c[1:] for c in during["calls"] if c[0] == "build-b"]
+    assert not [c for c in calls_b if c[:3] == ["compute", "tpus", "queued-resources"]]
+    assert not [c for c in calls_b if c[:2] in (["storage", "rm"],)]
+    assert during["qr"]["labels"]["gemma_sae_owner"] == "build-a"
+    assert during["objects"][LOCK_URI]["data"].startswith("build-a ")
+
+    assert first.returncode == 0, first_err
+    final = json.loads(state_file.read_text())
+    assert final["qr"] is None and final["deleted"] == 1
+    assert LOCK_URI not in final["objects"], "the lock was not released"
+
+
+def test_an_expired_lock_and_a_leaked_slice_are_taken_over(tmp_path) -> None:
+    """A build that died leaves its lock past expiry and its slice past its deadline: the next
+    build takes the lock over (a generation precondition), deletes that slice and runs."""
+    old = int(time.time()) - 60
+    leaked = {"attempt": 0, "polls": 9, "status": "gs://x/old", "labels": {}}
+    leaked["labels"] = {"gemma_sae_owner": "build-old", "gemma_sae_deadline": str(old)}
+    lock = {LOCK_URI: {"data": f"build-old {old}\n", "generation": 7}}
+    result, state_file = _run_retrain_script("finished", tmp_path, qr=leaked, objects=lock)
+    assert result.returncode == 0, result.stderr
+    assert "taking over the lock of build build-old" in result.stderr
+    assert "deleting queued resource gemma-sae-retrain (build build-old)" in result.stderr
+    final = json.loads(state_file.read_text())
+    assert final["attempts"] == 1 and final["deleted"] == 2  # the leaked slice, then ours
+    assert LOCK_URI not in final["objects"]
+
+
+def test_a_live_slice_of_another_build_is_not_deleted(tmp_path) -> None:
+    """No lock (say, one deleted by hand), but the slice's labels name another build within its
+    deadline: the script leaves it alone and stops."""
+    later = int(time.time()) + 3600
+    live = {"attempt": 0, "polls": 9, "status": "gs://x/other", "labels": {}}
+    live["labels"] = {"gemma_sae_owner": "build-other", "gemma_sae_deadline": str(later)}
+    result, state_file = _run_retrain_script("finished", tmp_path, qr=live)
+    assert result.returncode == 1
+    assert "belongs to build build-other" in result.stderr
+    final = json.loads(state_file.read_text())
+    assert final["qr"] == live and final["attempts"] == 0 and "deleted" not in final
+    assert LOCK_URI not in final["objects"], "the lock was not released"
 
 
 def test_a_provisioning_failure_is_reported_not_retried_as_a_preemption(tmp_path) -> None:
@@ -821,6 +957,7 @@ def test_retrain_script_requests_waits_for_and_deletes_the_slice(
     assert result.returncode == exit_code, result.stderr
 
     final = json.loads(state.read_text())
+    final["calls"] = [call[1:] for call in final["calls"]]  # without the RUN_ID
     assert final["qr"] is None, "the slice was not deleted"
     if scenario == "flaky":
         assert "UNAVAILABLE" in result.stderr and "preempted" not in result.stderr
@@ -846,6 +983,8 @@ def test_retrain_script_requests_waits_for_and_deletes_the_slice(
             assert flag in create, f"{flag} missing from {create}"
         status = f"gs://my-bucket/retrain-status/build-123/attempt-{attempt}"
         assert f"--metadata=gemma-sae-status={status},enable-oslogin=TRUE" in create
+        (labels,) = [a for a in create if a.startswith("--labels=")]
+        assert re.fullmatch(r"--labels=gemma_sae_owner=build-123,gemma_sae_deadline=\d+", labels)
     if scenario != "preempted":  # both workers of the v5litepod-16 slice were asked
         cats = {c[2] for c in final["calls"] if c[:2] == ["storage", "cat"]}
         assert {f"{status}/worker-0.json", f"{status}/worker-1.json"} <= cats

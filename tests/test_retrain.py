@@ -323,3 +323,48 @@ def test_warm_start_from_gcs(history, gcs_bucket_uri):
             to_host(started[name].params), float(started[name].input_scale)
         )
         np.testing.assert_allclose(folded["W_dec"], final["W_dec"], rtol=1e-6, atol=1e-7)
+
+
+def _stage_free(tmp_path: Path) -> tuple[Path, Path]:
+    """A base and a one-file corpus for retrains whose stages are stubbed out."""
+    base, corpus = tmp_path / "base", tmp_path / "corpus"
+    write_demo_corpus(str(corpus), num_documents=50, num_files=1)
+    return base, corpus
+
+
+def test_of_two_retrains_planned_at_once_one_starts(tmp_path, monkeypatch):
+    """Another retrain claims STARTED between this one's plan and its claim: this one stops
+    with a one-line error and writes nothing (no run record, STARTED stays theirs)."""
+    base, corpus = _stage_free(tmp_path)
+    planned = retrain._shared_plan
+
+    def plan_then_lose_the_race(*args, **kwargs):
+        plan = planned(*args, **kwargs)
+        storage.write_text(storage.join(str(base), retrain.STARTED), "20991231-000000\n")
+        return plan
+
+    monkeypatch.setattr(retrain, "_shared_plan", plan_then_lose_the_race)
+    ran = []
+    monkeypatch.setattr(retrain, "_run_steps", lambda *a, **k: ran.append(a))
+    code, printed = _retrain(base, corpus)
+    assert code == 2 and not ran  # a one-line error, as every user-fixable one
+    last = printed.strip().splitlines()[-1]
+    assert "does not start" in last and "now names run 20991231-000000" in last, printed
+    assert (base / retrain.STARTED).read_text() == "20991231-000000\n"
+    assert not (base / "runs").exists() or not list((base / "runs").rglob(retrain.RECORD))
+
+
+def test_a_run_finishing_after_another_moved_latest_does_not_undo_it(tmp_path, monkeypatch):
+    """While this run's stages run another retrain publishes its run: this one fails in one
+    line, and LATEST keeps naming the other run."""
+    base, corpus = _stage_free(tmp_path)
+
+    def stages_meanwhile_another_publishes(*args, **kwargs):
+        storage.write_text(storage.join(str(base), retrain.LATEST), "20991231-000000\n")
+
+    monkeypatch.setattr(retrain, "_run_steps", stages_meanwhile_another_publishes)
+    code, printed = _retrain(base, corpus)
+    assert code == 2
+    last = printed.strip().splitlines()[-1]
+    assert "is not LATEST" in last and "now names run 20991231-000000" in last, printed
+    assert retrain.read_latest(str(base)) == "20991231-000000"

@@ -89,6 +89,27 @@ def test_roundtrip_bytes_text_json(root: str) -> None:
     assert storage.read_bytes(storage.join(root, "a", "b.bin")) == b"new"
 
 
+def test_conditional_write_loses_to_a_write_in_between(root: str) -> None:
+    """A pointer written only if unchanged since read: local and on the emulator (which
+    checks ifGenerationMatch as GCS does: tests/conftest.py)."""
+    uri = storage.join(root, "pointer", "LATEST")
+    data, version = storage.read_versioned(uri)
+    assert (data, version) == (None, storage.ABSENT)
+    storage.write_bytes_if(uri, b"run-1\n", version)  # created: nothing was there
+    with pytest.raises(storage.Changed) as err:  # a second creator loses
+        storage.write_bytes_if(uri, b"run-x\n", storage.ABSENT)
+    _assert_one_line(err, uri, "changed since it was read")
+    data, version = storage.read_versioned(uri)
+    assert data == b"run-1\n"
+    storage.write_bytes(uri, b"run-2\n")  # another writer, after our read
+    with pytest.raises(storage.Changed):
+        storage.write_bytes_if(uri, b"run-3\n", version)
+    assert storage.read_bytes(uri) == b"run-2\n"  # theirs stands
+    data, version = storage.read_versioned(uri)
+    storage.write_bytes_if(uri, b"run-3\n", version)  # read afresh, it goes through
+    assert storage.read_versioned(uri)[0] == b"run-3\n"
+
+
 def test_missing_file_is_one_line_storage_error(root: str) -> None:
     uri = storage.join(root, "nope.json")
     for fn in (storage.read_bytes, storage.read_json, storage.size, storage.fingerprint):

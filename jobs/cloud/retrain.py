@@ -19,6 +19,10 @@ The config's `workdir` is the base. Each run is a whole pipeline workdir
 4. writes LATEST last, after every manifest of the run. A failed run writes `<run>/FAILED`
    (its one-line error) and leaves LATEST and every earlier run as they were.
 
+Both pointers (LATEST, and STARTED below) are rewritten only if they are as this run read them
+(a generation precondition on GCS): of two retrains at once, one starts a run, and a run that
+finishes after another retrain moved LATEST fails with a one-line error instead of undoing it.
+
 A run stopped by a preemption (exit 75) is resumed by the next `retrain` with the same config
 and inputs (`<base>/STARTED` names the run last started): its finished stages skip by their
 manifests and training resumes from its checkpoint. `--force` makes a run and redoes every
@@ -111,7 +115,24 @@ def run_uri(base: str, name: str) -> str:
 
 def read_latest(base: str) -> str | None:
     """The name of the last good run under `base`, or None before the first one."""
-    return _read_name(storage.join(base, LATEST))
+    return _read_pointer(storage.join(base, LATEST))[0]
+
+
+def _read_pointer(uri: str) -> tuple[str | None, str]:
+    """A pointer's run name (None when there is none) and its version, so that it is
+    rewritten only if nobody else did so meanwhile (storage.write_bytes_if)."""
+    data, version = storage.read_versioned(uri)
+    return (data.decode("utf-8").strip() or None) if data else None, version
+
+
+def _write_pointer(uri: str, name: str, version: str, clash: str) -> None:
+    try:
+        storage.write_bytes_if(uri, (name + "\n").encode(), version)
+    except storage.Changed:
+        now = _read_pointer(uri)[0]
+        raise RunFailed(
+            f"{clash} ({uri} now names run {now}: another retrain got there first)"
+        ) from None
 
 
 def retrain(config: PipelineConfig, force: bool = False, cold: bool = False) -> str | None:
@@ -128,8 +149,14 @@ def retrain(config: PipelineConfig, force: bool = False, cold: bool = False) -> 
     else:
         log("retrain", f"new run {run_config.workdir} (LATEST: {latest or 'none yet'})")
         if _primary():
+            # Claimed first: of two retrains that planned at once, one starts.
+            _write_pointer(
+                storage.join(base, STARTED),
+                name,
+                plan["started_version"],
+                f"run {name} does not start",
+            )
             storage.write_json(storage.join(run_config.workdir, RECORD), plan["record"])
-            storage.write_text(storage.join(base, STARTED), name + "\n")
     if plan["init_from"]:
         log("retrain", f"warm start from {plan['init_from']}")
     carry_from = plan["carry_from"]
@@ -150,7 +177,12 @@ def retrain(config: PipelineConfig, force: bool = False, cold: bool = False) -> 
         raise failed from error
     _sync("retrain: every stage finished")
     if _primary():
-        storage.write_text(storage.join(base, LATEST), name + "\n")
+        _write_pointer(
+            storage.join(base, LATEST),
+            name,
+            plan["latest_version"],
+            f"run {name} finished at {run_config.workdir} but is not LATEST",
+        )
     log("retrain", f"done: LATEST names run {name} ({run_config.workdir})")
     return name
 
@@ -175,7 +207,7 @@ def _shared_plan(config: PipelineConfig, force: bool, cold: bool) -> dict[str, A
 def _plan(config: PipelineConfig, force: bool, cold: bool) -> dict[str, Any]:
     """What this invocation does: nothing, resume the run last started, or start a new one."""
     base = config.workdir
-    latest = read_latest(base)
+    latest, latest_version = _read_pointer(storage.join(base, LATEST))
     previous = _read_record(run_uri(base, latest)) if latest else None
     sources = external_sources(config)
     wanted = _comparable(config)
@@ -193,11 +225,12 @@ def _plan(config: PipelineConfig, force: bool, cold: bool) -> dict[str, Any]:
     request = {"config": wanted, "sources": sources, "init_from": init_from, "latest": latest}
     plan = {
         "latest": latest,
+        "latest_version": latest_version,
         "init_from": init_from,
         "carry_from": None if force else latest,
         "same_sources": unchanged,
     }
-    started = _read_name(storage.join(base, STARTED))
+    started, plan["started_version"] = _read_pointer(storage.join(base, STARTED))
     if started and started > (latest or "") and _resumable(run_uri(base, started), request):
         return {**plan, "run": started, "resume": True}
     name = _new_name(base)
@@ -334,12 +367,6 @@ def _new_name(base: str, now: float | None = None) -> str:
     while storage.exists(run_uri(base, time.strftime(_STAMP, time.gmtime(moment)))):
         moment += 1
     return time.strftime(_STAMP, time.gmtime(moment))
-
-
-def _read_name(uri: str) -> str | None:
-    if not storage.exists(uri):
-        return None
-    return storage.read_text(uri).strip() or None
 
 
 def _read_record(uri: str) -> dict[str, Any] | None:

@@ -331,6 +331,87 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+class Changed(StorageError):
+    """A conditional write found the file changed since it was read (another writer)."""
+
+
+# The version of a file that does not exist: a conditional write at it creates the file only.
+ABSENT = "0"
+
+
+def read_versioned(uri: str) -> tuple[bytes | None, str]:
+    """A file's content (None when there is none) and its version: on GCS the object's
+    generation, locally its inode and modification time; ABSENT when there is no file. The
+    version is what write_bytes_if checks."""
+    fs, path = _resolve(uri, file=True)
+    for _ in range(5):  # a write between the two looks: look again
+        version = _version(fs, uri, path)
+        if version == ABSENT:
+            return None, ABSENT
+        with _errors(uri, "read"):
+            data = fs.cat_file(path)
+        if _version(fs, uri, path) == version:
+            return data, version
+    raise StorageError(f"cannot read {uri}: it keeps changing")
+
+
+def _version(fs: AbstractFileSystem, uri: str, path: str) -> str:
+    if is_gcs(uri):
+        fs.invalidate_cache(path)
+        with _errors(uri, "read"):
+            try:
+                return str(fs.info(path)["generation"])
+            except FileNotFoundError:
+                return ABSENT
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return ABSENT
+    return f"{stat.st_ino}-{stat.st_mtime_ns}"
+
+
+def write_bytes_if(uri: str, data: bytes, version: str) -> None:
+    """Replace a file's content only if it is still at `version` (ABSENT: only if there is
+    no file), atomically: raises Changed, naming the URI, when another writer got there
+    first. GCS checks the generation itself (ifGenerationMatch); locally the check and the
+    rename happen under an exclusive lock on the directory."""
+    fs, path = _resolve(uri, file=True)
+    if is_gcs(uri):
+        from urllib.parse import quote
+
+        bucket, key = path.split("/", 1)
+        upload = f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o"
+        with _errors(uri, "write"):
+            try:
+                fs.call(
+                    "POST",
+                    upload,
+                    uploadType="media",
+                    name=key,
+                    ifGenerationMatch=version,
+                    data=data,
+                    headers={"Content-Type": "application/octet-stream"},
+                )
+            except FileExistsError:  # gcsfs' reading of 412 Precondition Failed
+                raise Changed(f"{uri} changed since it was read (another writer)") from None
+            finally:
+                fs.invalidate_cache(path)
+        return
+    import fcntl
+
+    directory = Path(path).parent
+    with _errors(uri, "write"):
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if _version(fs, uri, path) != version:
+            raise Changed(f"{uri} changed since it was read (another writer)")
+        write_bytes(uri, data)
+    finally:
+        os.close(handle)  # releases the lock
+
+
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 

@@ -52,9 +52,14 @@ class ModelConfig:
     preset: str = ""
     # Compute dtype of the forward pass; Gemma on TPU wants bfloat16.
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # Devices each weight of the model is split over (tensor parallelism), for a model larger
+    # than one chip (Gemma 2 9B and up on a 16 GB v5e): the stages that run it (extract,
+    # report, and streaming train, whose train.mesh_model must then equal it) put it on a
+    # (devices / mesh_model) x mesh_model mesh. 1 replicates it on every device.
+    mesh_model: int = 1
 
     def validate(self) -> None:
-        pass
+        _positive(self, "mesh_model")
 
 
 @dataclass

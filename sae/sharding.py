@@ -1,4 +1,5 @@
-"""The device mesh: a data axis over tokens and a model axis over SAE latents."""
+"""The device mesh: a data axis over tokens and a model axis over SAE latents (and, with
+`model.mesh_model`, over the language model's weights)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,39 @@ def make_mesh(data: int = -1, model: int = 1, devices: list | None = None) -> Me
 
 def named(mesh: Mesh, *spec: str | None) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def weight_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """A language-model weight split over the mesh's model axis (tensor parallelism): along
+    its largest dimension that the axis divides (the vocabulary of the embedding, the hidden
+    units of an MLP, ...), so each device holds 1/model of it; replicated when the model axis
+    is 1 or no dimension divides (a few small norm scales). XLA partitions the matmuls and
+    adds the collectives."""
+    model = mesh.shape[MODEL]
+    axes = [i for i, size in enumerate(shape) if model > 1 and size % model == 0]
+    if not axes:
+        return replicated(mesh)
+    axis = max(axes, key=lambda i: shape[i])
+    spec = [None] * len(shape)
+    spec[axis] = MODEL
+    return named(mesh, *spec)
+
+
+def place_weights(weights, mesh: Mesh):
+    """(the weights on the mesh, their shardings), each weight split by `weight_sharding`."""
+    shardings = jax.tree.map(lambda w: weight_sharding(tuple(w.shape), mesh), weights)
+    return jax.device_put(weights, shardings), shardings
+
+
+def bytes_per_device(weights) -> int:
+    """The bytes of `weights` held on the first device (each weight's shard there)."""
+    device = jax.devices()[0]
+    total = 0
+    for weight in jax.tree.leaves(weights):
+        for shard in weight.addressable_shards:
+            if shard.device == device:
+                total += shard.data.nbytes
+    return total
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -103,7 +103,7 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
     curve_entries = entries + [snapshot.entry for snapshot in snapshots]
     read = [saelens.sites(sae_cfg) for _, _, sae_cfg in curve_entries]
     sites = sorted({site for pair in read for site in pair if site is not None})
-    mesh = sharding.make_mesh(config.train.mesh_data, 1)
+    mesh = sharding.make_mesh(config.train.mesh_data, config.model.mesh_model)
     backbone = lm.load_backbone(preset, config.model.dtype)
     if cfg.spliced_sequences:
         # Before the long evaluation, not after it.

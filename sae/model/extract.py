@@ -42,7 +42,7 @@ def extract(config: PipelineConfig, force: bool = False) -> bool:
     tokens_manifest = manifest.require(config.tokens_uri, "tokenize")
     sites = config.extract_sites
     presets.check_layers(config.preset_uri, sorted({site.layer for site in sites}))
-    mesh = sharding.make_mesh(cfg.mesh_data, 1)
+    mesh = sharding.make_mesh(cfg.mesh_data, config.model.mesh_model)
     _check_mesh(mesh, cfg.lm_batch_size)
     inputs = {
         "tokens": manifest.fingerprint(config.tokens_uri),
@@ -117,7 +117,9 @@ def _extract(config: PipelineConfig, tokens_manifest: dict, sites: list[Site], m
         "extract",
         f"{', '.join(s.label for s in sites)} of {config.preset_uri}: "
         f"{len(shards)} shard(s) -> {part} "
-        f"({cfg.dtype}, {cfg.chunk_rows}-row chunks)",
+        f"({cfg.dtype}, {cfg.chunk_rows}-row chunks); model weights "
+        f"{tap.weight_bytes_per_device / 2**20:.2f} MiB per device (of "
+        f"{tap.weight_bytes / 2**20:.2f} MiB) on mesh {dict(mesh.shape)}",
     )
     progress = Progress("extract", limit)
     started = time.perf_counter()

@@ -2,7 +2,8 @@
 
 The tap is a functional sub-model ending at `decoder_block_<i>`, so blocks after the deepest
 tapped layer are never computed; it runs as one jitted pure function (`stateless_call`) with
-weights replicated and the batch split over the mesh's data axis. For running the model in
+the batch split over the mesh's data axis and the weights over its model axis
+(`sharding.weight_sharding`; replicated when that axis is 1). For running the model in
 pieces (an SAE spliced in at one layer), `bound_weights` and the block functions call the
 backbone's own layers one by one as a pure function of its weights, and `mlp_hook` reads (or
 replaces) a block's MLP input and output inside it, for transcoders.
@@ -186,7 +187,6 @@ class ActivationTap:
         self.mesh = mesh
         self.hidden_dim = int(backbone.hidden_dim)
         self.dtype = np.dtype(backbone.dtype_policy.compute_dtype)
-        replicated = sharding.replicated(mesh)
         if all(site.point == "resid_post" for site in self.sites):
             outputs = [backbone.get_layer(f"decoder_block_{s.layer}").output for s in self.sites]
             self.model = keras.Model(backbone.input, outputs)
@@ -199,14 +199,24 @@ class ActivationTap:
             check_gemma(backbone)
             self.backbone = backbone
             weights, call = backbone_weights(backbone), self._call_blocks
-        self._weights = jax.device_put(weights, replicated)
+        # Split over the mesh's model axis (model.mesh_model), or replicated when it is 1.
+        self._weights, placed = sharding.place_weights(weights, mesh)
         batch = sharding.batch_sharding(mesh)
-        self._forward = jax.jit(call, in_shardings=(replicated, batch, batch), out_shardings=batch)
+        self._forward = jax.jit(call, in_shardings=(placed, batch, batch), out_shardings=batch)
         self._host_max = sharding.HostMax(mesh)
 
     @property
     def layers(self) -> list[int]:
         return [site.layer for site in self.sites]
+
+    @property
+    def weight_bytes(self) -> int:
+        """The bytes of the weights the tap computes with (all of them, on all devices)."""
+        return sum(w.nbytes for w in jax.tree.leaves(self._weights))
+
+    @property
+    def weight_bytes_per_device(self) -> int:
+        return sharding.bytes_per_device(self._weights)
 
     def _call(self, weights, token_ids: jax.Array, padding_mask: jax.Array) -> list[jax.Array]:
         trainable, non_trainable = weights

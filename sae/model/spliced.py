@@ -142,14 +142,14 @@ class SplicedLoss:
             models = [mean_model(np.asarray(mean, np.float32)), *models]
         self.reconstructs = [m.reconstruct for m in models]
         replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-        self._weights = jax.device_put(lm.backbone_weights(backbone), replicated)
+        self._weights, placed = sharding.place_weights(lm.backbone_weights(backbone), mesh)
         self._params = jax.device_put(
             [{k: jnp.asarray(v, jnp.float32) for k, v in m.params.items()} for m in models],
             replicated,
         )
         self._sums = jax.jit(
             self._batch_sums,
-            in_shardings=(replicated, replicated, batch, batch, batch),
+            in_shardings=(placed, replicated, batch, batch, batch),
             out_shardings=replicated,
         )
 

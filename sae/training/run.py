@@ -207,6 +207,11 @@ def train(config: PipelineConfig, force: bool = False) -> bool:
     source = batches.open_source(config)
     mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
     _check_mesh(cfg, mesh, source.d_model)
+    if source.streams and config.model.mesh_model not in (1, cfg.mesh_model):
+        raise ConfigError(
+            f"model.mesh_model={config.model.mesh_model}: streaming, the model runs on the "
+            f"train mesh, so train.mesh_model ({cfg.mesh_model}) must equal it"
+        )
     warm = warm_start_source(config, source.d_model)
     if warm is not None:
         # The starting weights are an input: a changed init source re-runs the stage.

@@ -97,3 +97,12 @@ def test_streaming_with_a_sharded_model_needs_the_same_model_axis(local_run, tmp
     args = [*reuse_run(local_run, tmp_path), "model.mesh_model=4", "train.mesh_model=2"]
     assert main(["train", *args]) == 2
     assert "train.mesh_model (2) must equal it" in capsys.readouterr().err
+
+
+def test_streaming_trains_with_the_model_split_over_the_sae_model_axis(local_run, tmp_path, capsys):
+    args = [*reuse_run(local_run, tmp_path), "model.mesh_model=2", "train.mesh_model=2"]
+    assert main(["train", *args, "train.steps=10", "train.lr_warmup_steps=2"]) == 0
+    printed = capsys.readouterr().err
+    assert re.search(r"streaming: model weights [\d.]+ MiB per device .* 'model': 2\}", printed)
+    trained = manifest.read(str(tmp_path / "sae"))
+    assert all(np.isfinite(v) for k, v in trained["counts"].items() if k.endswith("/loss"))

@@ -117,9 +117,7 @@ def _extract(config: PipelineConfig, tokens_manifest: dict, sites: list[Site], m
         "extract",
         f"{', '.join(s.label for s in sites)} of {config.preset_uri}: "
         f"{len(shards)} shard(s) -> {part} "
-        f"({cfg.dtype}, {cfg.chunk_rows}-row chunks); model weights "
-        f"{tap.weight_bytes_per_device / 2**20:.2f} MiB per device (of "
-        f"{tap.weight_bytes / 2**20:.2f} MiB) on mesh {dict(mesh.shape)}",
+        f"({cfg.dtype}, {cfg.chunk_rows}-row chunks); {tap.describe_weights()}",
     )
     progress = Progress("extract", limit)
     started = time.perf_counter()

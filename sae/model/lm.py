@@ -218,6 +218,13 @@ class ActivationTap:
     def weight_bytes_per_device(self) -> int:
         return sharding.bytes_per_device(self._weights)
 
+    def describe_weights(self) -> str:
+        """For the logs: how much of the model each device holds."""
+        return (
+            f"model weights {self.weight_bytes_per_device / 2**20:.2f} MiB per device (of "
+            f"{self.weight_bytes / 2**20:.2f} MiB) on mesh {dict(self.mesh.shape)}"
+        )
+
     def _call(self, weights, token_ids: jax.Array, padding_mask: jax.Array) -> list[jax.Array]:
         trainable, non_trainable = weights
         outputs, _ = self.model.stateless_call(

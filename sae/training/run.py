@@ -274,6 +274,7 @@ def _global_batches(
     if source.streams:
         backbone = lm.load_backbone(config.preset_uri, config.model.dtype)
         tap = lm.ActivationTap(backbone, cfg.sites, trainer.mesh)
+        log("train", f"streaming: {tap.describe_weights()}")
     if jax.process_count() == 1:
         local = batches.batches(config, source, start_step, None, tap, resume)
         return local, local

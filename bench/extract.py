@@ -3,6 +3,8 @@ jitted forward in the same run, printed as JSON.
 
     python bench/extract.py                                   # small shapes: runs anywhere
     python bench/extract.py --shapes gemma2-2b --dtype bfloat16   # one accelerator
+    # the real shapes on a CPU (a few minutes a forward): one 4096-token batch per phase
+    python bench/extract.py --shapes gemma2-2b --dtype bfloat16 --batches 1 --batch 4
 
 The model is a keras-hub GemmaBackbone with random weights (Gemma 2 2B's shape for
 `gemma2-2b`: sliding-window and soft-cap settings included), tapped at one layer, so the model
@@ -11,7 +13,8 @@ is truncated after that block. Three measurements, in tokens (sequence positions
 - `extract`: what the extract job does: host batches in, activations out to the host, BOS and
   padding dropped, rows written to an activation store (bf16 zarr via tensorstore);
 - `extract_train`: streaming: activations through the shuffle buffer into a TopK SAE step.
-Resident host memory is sampled at the start and end of each phase: it should stay flat.
+Resident host memory is sampled at the start and end of each phase: it should stay flat; each
+phase's peak (Linux's high-water mark, reset at its start) and the whole run's are reported too.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from sae import (
 from sae.arch import SaeSpec
 from sae.config import TrainConfig  # noqa: E402
 from sae.data import activation_store, activations
+from sae.io.peak_memory import StageMemory
 from sae.model import lm
 from sae.training.step import Member, StepTrainer  # noqa: E402
 
@@ -101,6 +105,7 @@ def _sequences(rng: np.random.Generator, count: int, sequence: int, vocabulary: 
 
 def _timed(phase) -> dict[str, float]:
     rss = _rss_mb()
+    memory = StageMemory()
     start = time.perf_counter()
     tokens = phase()
     seconds = time.perf_counter() - start
@@ -109,6 +114,7 @@ def _timed(phase) -> dict[str, float]:
         "seconds": seconds,
         "rss_start_mb": rss,
         "rss_end_mb": _rss_mb(),
+        "peak_rss_mb": memory.summary().get("peak_host_memory_bytes", 0) / 2**20,
     }
 
 
@@ -119,12 +125,19 @@ def main() -> None:
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="small")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--batches", type=int, default=8, help="LM batches per phase")
+    parser.add_argument("--batch", type=int, default=0, help="sequences per LM batch (0: shape's)")
+    parser.add_argument("--sequence", type=int, default=0, help="tokens per sequence (0: shape's)")
     args = parser.parse_args()
-    shape = SHAPES[args.shapes]
+    shape = dict(SHAPES[args.shapes])
+    shape["batch"] = args.batch or shape["batch"]
+    shape["sequence"] = args.sequence or shape["sequence"]
+    started, build_memory = time.perf_counter(), StageMemory()
     batch, sequence, layer = shape["batch"], shape["sequence"], shape["layer"]
     vocabulary = shape["model"]["vocabulary_size"]
     tokens_per_batch = batch * sequence
     backbone = keras_hub.models.GemmaBackbone(**shape["model"], dtype=args.dtype)
+    built_s = time.perf_counter() - started
+    build_peak_mb = build_memory.summary().get("peak_host_memory_bytes", 0) / 2**20
     mesh = sharding.make_mesh()
     tap = lm.ActivationTap(backbone, [layer], mesh)
     d_model = tap.hidden_dim
@@ -207,6 +220,10 @@ def main() -> None:
                     "sae": {"architecture": "topk", "d_sae": shape["d_sae"], "k": shape["k"]},
                 },
                 "results": results,
+                "model_build_seconds": built_s,
+                "model_build_peak_rss_mb": build_peak_mb,
+                "tapped_weights_mb": tap.weight_bytes / 2**20,
+                "wall_seconds": time.perf_counter() - started,
             },
             indent=2,
         )

@@ -7,8 +7,8 @@ prompt seeds the caches, then one token per step. The only change is
 `x += strength * direction` after `decoder_block_<layer>`, at every position (prompt and
 generated), which is how SAE features are steered.
 
-Everything that varies between calls of a sweep (the direction, one strength per batch row,
-the sampling key) is a traced argument of a single `jax.jit` function, and the weights are
+Everything that varies between calls of a sweep (each batch row's steering vector, the
+sampling key) is a traced argument of a single `jax.jit` function, and the weights are
 arguments too (bound through a `keras.StatelessScope`, as keras-hub does): so a sweep over
 strengths or features compiles once per (layer, batch, length), and the weights are never
 baked into the compiled program as constants.
@@ -86,14 +86,32 @@ class SteeredGenerator:
     ) -> list[Generation]:
         """One continuation of `prompt` per strength (one batch row each), greedy when
         `top_k` is 0, else sampled from the `top_k` most likely tokens."""
-        ids = self.prompt_ids(prompt)
-        token_ids, padding_mask = self.padded(ids, len(strengths), max_new_tokens)
-        out = self.generate_ids(
-            token_ids, padding_mask, direction, strengths, layer, top_k=top_k, seed=seed
-        )
+        direction = np.asarray(direction, np.float32).reshape(self.hidden_dim)
+        vectors = np.asarray(strengths, np.float32)[:, None] * direction[None, :]
+        out = self.generate_with_vectors(prompt, vectors, layer, max_new_tokens, top_k, seed)
         return [
-            self._decoded(float(strength), ids, row)
-            for strength, row in zip(strengths, out, strict=True)
+            Generation(float(strength), g.prompt_ids, g.new_ids, g.text)
+            for strength, g in zip(strengths, out, strict=True)
+        ]
+
+    def generate_with_vectors(
+        self,
+        prompt: str,
+        vectors: np.ndarray,
+        layer: int,
+        max_new_tokens: int = 32,
+        top_k: int = 0,
+        seed: int = 0,
+    ) -> list[Generation]:
+        """One continuation of `prompt` per row of `vectors` [rows, hidden] (each row's own
+        steering vector, zeros for none); a Generation's strength is its vector's norm."""
+        ids = self.prompt_ids(prompt)
+        vectors = np.asarray(vectors, np.float32).reshape(-1, self.hidden_dim)
+        token_ids, padding_mask = self.padded(ids, len(vectors), max_new_tokens)
+        out = self._run(token_ids, padding_mask, vectors, layer, top_k, seed)
+        return [
+            self._decoded(float(np.linalg.norm(vector)), ids, row)
+            for vector, row in zip(vectors, out, strict=True)
         ]
 
     def padded(
@@ -119,15 +137,18 @@ class SteeredGenerator:
     ) -> np.ndarray:
         """[batch, length] ids: each row's prompt (where `padding_mask`) then its generation,
         steered by `strengths[row] * direction` after block `layer`."""
+        direction = np.asarray(direction, np.float32).reshape(self.hidden_dim)
+        vectors = np.asarray(strengths, np.float32)[:, None] * direction[None, :]
+        return self._run(token_ids, padding_mask, vectors, layer, top_k, seed)
+
+    def _run(self, token_ids, padding_mask, vectors, layer: int, top_k: int, seed: int):
         if not 0 <= layer < self.num_layers:
             raise InputError(f"layer {layer} is out of range (the model has {self.num_layers})")
-        direction = np.asarray(direction, np.float32).reshape(self.hidden_dim)
         out = self._generate(
             self._weights,
             jnp.asarray(token_ids, jnp.int32),
             jnp.asarray(padding_mask, bool),
-            jnp.asarray(direction),
-            jnp.asarray(strengths, jnp.float32),
+            jnp.asarray(vectors, jnp.float32),
             jax.random.key(seed),
             layer=layer,
             top_k=top_k,
@@ -175,13 +196,11 @@ class SteeredGenerator:
         choice = jax.random.categorical(key, top_logits, axis=-1)
         return jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0]
 
-    def _generate_ids(
-        self, weights, token_ids, padding_mask, direction, strengths, key, layer: int, top_k: int
-    ):
+    def _generate_ids(self, weights, token_ids, padding_mask, vectors, key, layer: int, top_k: int):
         import keras
 
         self.traces += 1
-        steer = strengths[:, None, None] * direction[None, None, :]
+        steer = vectors[:, None, :]
         pairs = zip(self._variables, weights, strict=True)
         mapping = itertools.chain(*(zip(v, w, strict=True) for v, w in pairs))
         with keras.StatelessScope(state_mapping=mapping):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -319,11 +320,32 @@ class ReportConfig:
     # spliced for the curve over training tokens (report/curve.json); 0 leaves the spliced
     # metrics out of the curve. Costs about (2 + snapshots + SAEs) forwards per sequence.
     curve_sequences: int = 32
+    # Steering evaluation (sae.analysis.steering_eval) of the first N steering vectors of each
+    # residual-stream SAE: concept against cost for the feature's direction, DiffMean and a
+    # random direction, at these multiples of each feature's suggested strength, on these
+    # prompts, the cost over `steering_eval_sequences` held-out sequences; 0 features skips it.
+    steering_eval_features: int = 0
+    steering_eval_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    steering_eval_prompts: list[str] = field(
+        default_factory=lambda: ["The", "In the morning, she", "My favourite thing about it is"]
+    )
+    steering_eval_new_tokens: int = 24
+    steering_eval_sequences: int = 16
+    steering_eval_max_ce_increase: float = 0.5
 
     def validate(self) -> None:
         _positive(self, "eval_tokens", "top_contexts")
         _non_negative(self, "context_window", "max_features", "num_steering", "spliced_sequences")
-        _non_negative(self, "mean_ablation_tokens", "curve_sequences")
+        _non_negative(self, "mean_ablation_tokens", "curve_sequences", "steering_eval_features")
+        if self.steering_eval_features:
+            _positive(self, "steering_eval_new_tokens", "steering_eval_sequences")
+            if not self.steering_eval_prompts or not self.steering_eval_scales:
+                raise ConfigError(
+                    "report.steering_eval_prompts and report.steering_eval_scales must not be "
+                    "empty when report.steering_eval_features is set"
+                )
+            if not all(math.isfinite(s) and s > 0 for s in self.steering_eval_scales):
+                raise ConfigError("report.steering_eval_scales must be positive numbers")
         if any(i < 0 for i in self.steering_features):
             raise ConfigError("report.steering_features must be non-negative feature indices")
 

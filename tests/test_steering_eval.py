@@ -173,3 +173,34 @@ def test_evaluate_bad_flags_are_one_line(setup, local_run, tmp_path, capsys, ext
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
+
+
+def test_the_report_evaluates_its_first_steering_vectors(local_run, tmp_path):
+    """report.steering_eval_features=1: evaluation.json and .png beside each residual SAE's
+    steering vectors, for its first vector, at the scaled suggested strengths."""
+    from sae.io import storage
+
+    from .conftest import reuse_run
+
+    args = reuse_run(local_run, tmp_path)
+    storage.upload_tree(str(local_run / "sae"), str(tmp_path / "sae"))
+    args += ["report.spliced_sequences=0", "report.eval_tokens=2000", "report.max_features=5"]
+    args += ["report.steering_eval_features=1", "report.steering_eval_scales=[1.0, 4.0]"]
+    args += ["report.steering_eval_prompts=[Once upon a time]", "report.steering_eval_new_tokens=8"]
+    args += ["report.steering_eval_sequences=8"]
+    assert main(["report", *args]) == 0
+    for name in ("relu-L1-x4-c2", SAE_NAME):
+        steering_dir = tmp_path / "report" / name / "steering"
+        saved = json.loads((steering_dir / "evaluation.json").read_text())
+        vectors = json.loads((steering_dir / "vectors.json").read_text())["vectors"]
+        assert (steering_dir / "evaluation.png").read_bytes()[:4] == b"\x89PNG"
+        if not vectors:  # every live latent of the tiny ReLU SAE is dense: none to steer with
+            assert name == "relu-L1-x4-c2" and saved["features"] == []
+            continue
+        (evaluated,) = saved["features"]
+        assert evaluated["feature"] == vectors[0]["feature"]
+        suggested = vectors[0]["suggested_strength"]
+        strengths = sorted({p["strength"] for p in evaluated["points"]} - {0.0})
+        assert strengths == pytest.approx([suggested, 4 * suggested], rel=1e-6)
+    written = manifest.read(str(tmp_path / "report"))["outputs"]
+    assert str(tmp_path / "report" / SAE_NAME / "steering" / "evaluation.json") in written

@@ -118,8 +118,51 @@ def token_curves(curves: dict[str, list[dict]]) -> bytes:
             if xy:
                 axes.plot(*zip(*xy, strict=True), marker="o", label=name)
         axes.grid(alpha=0.3)
+        if axes.get_lines():
+            axes.legend(fontsize=8)
+        else:  # e.g. delta LM loss without spliced metrics
+            axes.text(0.5, 0.5, "not measured", ha="center", va="center", transform=axes.transAxes)
+    figure.suptitle("Held-out metrics over training", fontsize=11)
+    figure.tight_layout()
+    return _png(figure)
+
+
+# One colour per steering direction, the same in every panel.
+STEERING_COLOURS = {"sae": "#4c72b0", "diffmean": "#dd8452", "random": "#8c8c8c"}
+
+
+def steering_tradeoffs(evaluations: list, name: str) -> bytes:
+    """Concept against cost per evaluated feature (sae.analysis.steering_eval): the share of
+    generated tokens where the feature fires against the held-out CE increase, one line per
+    direction over its strengths, the unsteered model as a black dot."""
+    panels = max(len(evaluations), 1)
+    figure = Figure(figsize=(4.2 * panels, 3.8))
+    for i, evaluated in enumerate(evaluations):
+        axes = figure.add_subplot(1, panels, i + 1)
+        points = evaluated.points
+        for method, colour in STEERING_COLOURS.items():
+            mine = [p for p in points if p.method == method]
+            axes.plot(
+                [p.ce_increase for p in mine],
+                [p.fires for p in mine],
+                marker="o",
+                color=colour,
+                label=method,
+            )
+            best = evaluated.best.get(method)
+            for p in mine:
+                if p.strength == best:
+                    axes.plot(p.ce_increase, p.fires, marker="*", markersize=14, color=colour)
+        axes.plot(points[0].ce_increase, points[0].fires, "ko", label="unsteered")
+        axes.axvline(evaluated.max_ce_increase, color="#c44e52", linestyle="--", linewidth=1)
+        axes.set_xlabel("held-out CE increase (nats/token)")
+        axes.set_ylabel("share of generated tokens firing")
+        axes.set_title(f"feature {evaluated.feature}", fontsize=10)
+        axes.grid(alpha=0.3)
         if i == 0:
             axes.legend(fontsize=8)
-    figure.suptitle("Held-out metrics over training", fontsize=11)
+    if not evaluations:
+        figure.add_subplot().text(0.5, 0.5, "no feature evaluated", ha="center", va="center")
+    figure.suptitle(f"Steering: concept against cost ({name}; * best within budget)", fontsize=11)
     figure.tight_layout()
     return _png(figure)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from sae.analysis import (
     plots,
     report_html,
     steering,
+    steering_eval,
     token_curve,
 )
 from sae.arch.spec import Site
@@ -187,6 +189,10 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
         files += _report_one(
             config, name, sae, params, sae_cfg, result, processor, w_u, training_log
         )
+        if cfg.steering_eval_features and not saelens.is_transcoder(sae_cfg["architecture"]):
+            files += _evaluate_steering(
+                config, name, (sae, params, sae_cfg), result, backbone, tokens_manifest
+            )
         all_metrics[name] = result.metrics
         overview.append(
             {
@@ -298,6 +304,80 @@ def _write_curve(config: PipelineConfig, curves: dict[str, list[dict]]) -> list[
     return list(files.values())
 
 
+def _steering_choice(cfg, params: dict, result: evaluation.EvalResult):
+    """The features given steering vectors (report.steering_features, else the most active
+    non-dense ones), their unit directions and suggested strengths."""
+    chosen = cfg.steering_features or features.most_active(
+        result, cfg.num_steering, exclude_dense=True
+    )
+    vectors, strengths = steering.steering_vectors(params["W_dec"], result, chosen)
+    return chosen, vectors, strengths
+
+
+def _evaluate_steering(
+    config: PipelineConfig,
+    name: str,
+    entry: tuple,
+    result: evaluation.EvalResult,
+    backbone: Any,
+    tokens_manifest: dict,
+) -> list[str]:
+    """report/<sae>/steering/evaluation.json and .png: the steering evaluation of the first
+    report.steering_eval_features steering vectors (sae.analysis.steering_eval)."""
+    from sae.model.generation import SteeredGenerator
+
+    cfg = config.report
+    sae = saelens.Sae(*entry)
+    chosen, _, strengths = _steering_choice(cfg, sae.weights, result)
+    generator = SteeredGenerator(backbone, presets.tokenizer_proto(sae.cfg["model_preset"]))
+    # Enough held-out sequences for the cost and for DiffMean's 20k tokens.
+    diffmean = 20_000 // int(tokens_manifest["sequence_length"]) + 1
+    held_out = list(
+        itertools.islice(
+            iter_sequences(tokens_manifest["shards"]["eval"]),
+            max(cfg.steering_eval_sequences, diffmean),
+        )
+    )
+    bos_id = tokens_manifest["tokenizer"]["bos_id"]
+    evaluations = []
+    for feature, strength in list(zip(chosen, strengths, strict=True))[
+        : cfg.steering_eval_features
+    ]:
+        if strength <= 0:
+            continue  # never fired on the held-out tokens: nothing to scale by
+        evaluated = steering_eval.evaluate_steering(
+            generator,
+            sae,
+            int(feature),
+            int(sae.cfg["layer"]),
+            [scale * float(strength) for scale in cfg.steering_eval_scales],
+            cfg.steering_eval_prompts,
+            held_out,
+            bos_id,
+            lm_batch_size=config.train.lm_batch_size,
+            cost_sequences=cfg.steering_eval_sequences,
+            max_new_tokens=cfg.steering_eval_new_tokens,
+            max_ce_increase=cfg.steering_eval_max_ce_increase,
+        )
+        log("report", f"{name} steering evaluation:\n{steering_eval.render(evaluated)}")
+        evaluations.append(evaluated)
+    output = storage.join(config.report_uri, name, "steering")
+    files = {
+        "json": storage.join(output, "evaluation.json"),
+        "png": storage.join(output, "evaluation.png"),
+    }
+    storage.write_json(
+        files["json"],
+        {
+            "strength_scales": cfg.steering_eval_scales,
+            "prompts": cfg.steering_eval_prompts,
+            "features": [e.to_json() for e in evaluations],
+        },
+    )
+    storage.write_bytes(files["png"], plots.steering_tradeoffs(evaluations, name))
+    return list(files.values())
+
+
 def _report_one(
     config: PipelineConfig,
     name: str,
@@ -328,10 +408,7 @@ def _report_one(
         "d_sae": sae_cfg["d_sae"],
         "training_tokens": sae_cfg["training_tokens"],
     }
-    chosen = cfg.steering_features or features.most_active(
-        result, cfg.num_steering, exclude_dense=True
-    )
-    vectors, strengths = steering.steering_vectors(params["W_dec"], result, chosen)
+    chosen, vectors, strengths = _steering_choice(cfg, params, result)
     metadata = {
         "model_preset": preset,
         "layer": sae_cfg["layer"],

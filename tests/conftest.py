@@ -212,6 +212,22 @@ def local_run(tmp_path_factory: pytest.TempPathFactory):
     return workdir
 
 
+@pytest.fixture(scope="module")
+def backbone(local_run):
+    """The local run's tiny model (a module may define its own `backbone`)."""
+    from sae.model import lm
+
+    return lm.load_backbone(str(local_run / "model"))
+
+
+@pytest.fixture(scope="module")
+def tokens(local_run):
+    """The local run's tokenize manifest."""
+    from sae.io import manifest
+
+    return manifest.read(str(local_run / "tokens"))
+
+
 def reuse_run(local_run, workdir) -> list[str]:
     """Overrides for a run in `workdir` on `local_run`'s model, corpus and tokens (copied), so
     a test can run single stages after tokenize."""

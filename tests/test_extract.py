@@ -19,11 +19,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def backbone(local_run):
-    return lm.load_backbone(str(local_run / "model"))
-
-
-@pytest.fixture(scope="module")
 def first_batch(local_run):
     tokens = manifest.read(str(local_run / "tokens"))
     sequences = token_shards.iter_sequences(tokens["shards"]["train"])

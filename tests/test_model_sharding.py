@@ -23,16 +23,6 @@ MODEL_AXIS = 4
 
 
 @pytest.fixture(scope="module")
-def backbone(local_run):
-    return lm.load_backbone(str(local_run / "model"))
-
-
-@pytest.fixture(scope="module")
-def tokens(local_run):
-    return manifest.read(str(local_run / "tokens"))
-
-
-@pytest.fixture(scope="module")
 def batch(tokens):
     sequences = token_shards.iter_sequences(tokens["shards"]["eval"])
     return next(activations.sequence_batches(sequences, 8))

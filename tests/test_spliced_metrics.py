@@ -11,7 +11,7 @@ import pytest
 from sae import config, sharding
 from sae.data import activations, token_shards
 from sae.errors import ConfigError, InputError
-from sae.io import manifest, saelens
+from sae.io import saelens
 from sae.model import lm, spliced
 
 from .conftest import SMALL_SAES
@@ -21,16 +21,6 @@ pytestmark = pytest.mark.slow
 LAYER = 1  # the SMALL run's SAEs read decoder_block_1 of its 2-layer model
 IDENTITY = spliced.SplicedModel(lambda p, x: x, {})
 ZEROS = spliced.SplicedModel(lambda p, x: jnp.zeros_like(x), {})
-
-
-@pytest.fixture(scope="module")
-def backbone(local_run):
-    return lm.load_backbone(str(local_run / "model"))
-
-
-@pytest.fixture(scope="module")
-def tokens(local_run):
-    return manifest.read(str(local_run / "tokens"))
 
 
 @pytest.fixture(scope="module")

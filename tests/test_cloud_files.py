@@ -871,16 +871,21 @@ def test_a_second_retrain_build_exits_and_touches_nothing_of_the_first(tmp_path)
     first = subprocess.Popen(
         command, env={**env, "RUN_ID": "build-a"}, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 60
-    while json.loads(state_file.read_text())["attempts"] == 0:
-        assert first.poll() is None and time.monotonic() < deadline, "no slice requested"
-        time.sleep(0.05)
-    second = subprocess.run(
-        command, env={**env, "RUN_ID": "build-b"}, capture_output=True, text=True, timeout=60
-    )
-    during = json.loads(state_file.read_text())
-    (tmp_path / "state.json.hold").unlink()
-    _, first_err = first.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 60
+        while json.loads(state_file.read_text())["attempts"] == 0:
+            assert first.poll() is None and time.monotonic() < deadline, "no slice requested"
+            time.sleep(0.05)
+        second = subprocess.run(
+            command, env={**env, "RUN_ID": "build-b"}, capture_output=True, text=True, timeout=60
+        )
+        during = json.loads(state_file.read_text())
+        (tmp_path / "state.json.hold").unlink()
+        _, first_err = first.communicate(timeout=120)
+    finally:  # never leave the first script polling after a failure
+        if first.poll() is None:
+            first.kill()
+            first.wait()
 
     assert second.returncode == 1
     last = second.stderr.strip().splitlines()[-1]

@@ -701,6 +701,8 @@ def test_startup_script_runs_the_stage_in_the_image_on_this_worker(tmp_path) -> 
     assert len(runs) == 2, "a stage that exits 75 is started again"
     run = runs[-1]
     assert {"--privileged", "--net=host", "--ipc=host"} <= set(run)
+    # As root: the TPU's /dev/vfio nodes are root-only (the image's own user is uid 10001).
+    assert run[run.index("--user") + 1] == "0:0"
     assert "TPU_WORKER_ID=1" in run and "TPU_WORKER_HOSTNAMES=10.0.0.2,10.0.0.3" in run
     assert run[run.index("--name") + 1] == startup_script.CONTAINER  # for `docker logs`
     # SIGTERM's checkpoint gets most of a spot VM's ~30 s notice, not docker's default 10 s.

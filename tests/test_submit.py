@@ -522,7 +522,7 @@ def test_startup_script_runs_the_container_on_a_worker_and_reports_its_exit(
     assert calls[1] == f"docker pull {IMAGE}"
     [run] = [c for c in calls if c.startswith("docker run")]
     assert run.startswith(
-        f"docker run --name {startup_script.CONTAINER} --stop-timeout 25 --privileged "
+        f"docker run --name {startup_script.CONTAINER} --stop-timeout 25 --user 0:0 --privileged "
         "--net=host --ipc=host "
         "-e TPU_WORKER_ID=1 -e TPU_WORKER_HOSTNAMES=10.0.0.2,10.0.0.3 " + IMAGE
     )

@@ -42,7 +42,10 @@ class EvalResult:
     feature_stats: feature_stats.FeatureStats | None = None
 
 
-def _batch_statistics(sae: SparseAutoencoder, top_k: int):
+def _batch_statistics(sae: SparseAutoencoder, top_k: int, details: bool = True):
+    """The jitted per-batch sums; without `details`, only what the metrics need (no top
+    activations, histograms or samples per latent: a snapshot on the training curve)."""
+
     def statistics(params, x, target, mask, stats, first_sequence, seq_len):
         x = x.astype(jnp.float32)  # a bf16 model's activations: sums need float32
         latents, reconstruction = token_norm.encode_decode(sae, params, x)
@@ -51,10 +54,9 @@ def _batch_statistics(sae: SparseAutoencoder, top_k: int):
         weight = mask.astype(jnp.float32)
         latents = latents * weight[:, None]
         active = latents > 0
-        top_values, top_rows = jax.lax.top_k(latents.T, top_k)
         squared_error = weight[:, None] * (x - reconstruction) ** 2
         squared = weight[:, None] * x**2
-        return {
+        sums = {
             "squared_error": jnp.sum(squared_error),
             "squared_norm": jnp.sum(squared),
             "sum_x": jnp.sum(weight[:, None] * x, axis=0),
@@ -63,6 +65,12 @@ def _batch_statistics(sae: SparseAutoencoder, top_k: int):
             "squared_per_dim": jnp.sum(squared, axis=0),
             "l0": jnp.sum(active),
             "fire_counts": jnp.sum(active, axis=0),
+        }
+        if not details:
+            return sums, stats
+        top_values, top_rows = jax.lax.top_k(latents.T, top_k)
+        return {
+            **sums,
             "activation_sums": jnp.sum(latents, axis=0),
             "max_activations": jnp.max(latents, axis=0),
             "top_values": top_values,
@@ -81,6 +89,8 @@ class EvalModel:
     params: dict[str, np.ndarray]
     layer_index: int = 0
     target_index: int | None = None
+    # False: the metrics only, no per-feature statistics (EvalResult's arrays stay empty).
+    details: bool = True
 
 
 class _Accumulator:
@@ -88,7 +98,7 @@ class _Accumulator:
 
     def __init__(self, model: EvalModel, top_k: int) -> None:
         self.model, self.top_k = model, top_k
-        self.statistics = _batch_statistics(model.sae, top_k)
+        self.statistics = _batch_statistics(model.sae, top_k, model.details)
         self.params = jax.device_put({k: jnp.asarray(v) for k, v in model.params.items()})
         d_sae = model.sae.d_sae
         self.sums = {"squared_error": 0.0, "squared_norm": 0.0, "l0": 0.0}
@@ -128,6 +138,8 @@ class _Accumulator:
         self.squared_error_per_dim += out["squared_error_per_dim"]
         self.squared_per_dim += out["squared_per_dim"]
         self.fire_counts += out["fire_counts"].astype(np.int64)
+        if not self.model.details:
+            return
         self.activation_sums += out["activation_sums"]
         self.max_activations = np.maximum(self.max_activations, out["max_activations"])
         rows = out["top_rows"]

@@ -114,9 +114,16 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
     bos_id = tokens_manifest["tokenizer"]["bos_id"]
     models = [
         evaluation.EvalModel(
-            sae, params, sites.index(source), None if target is None else sites.index(target)
+            sae,
+            params,
+            sites.index(source),
+            None if target is None else sites.index(target),
+            # The snapshots need their metrics only, not per-feature statistics.
+            details=index < len(entries),
         )
-        for (sae, params, _), (source, target) in zip(curve_entries, read, strict=True)
+        for index, ((sae, params, _), (source, target)) in enumerate(
+            zip(curve_entries, read, strict=True)
+        )
     ]
     progress = Progress("report", planned_tokens(cfg.eval_tokens, tokens_manifest))
     results = evaluation.evaluate(

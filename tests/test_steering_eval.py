@@ -126,11 +126,14 @@ def test_best_strength_is_the_most_concept_within_the_budget():
     def point(strength, fires, cost):
         return SteeringPoint("sae", strength, fires, fires, cost, cost, 10)
 
-    points = [point(1.0, 0.1, 0.05), point(2.0, 0.4, 0.3), point(4.0, 0.9, 2.0)]
+    unsteered = SteeringPoint("none", 0.0, 0.1, 0.1, 0.0, 0.0, 10)
+    points = [unsteered, point(1.0, 0.1, 0.05), point(2.0, 0.4, 0.3), point(4.0, 0.9, 2.0)]
     assert steering_eval.best_strength(points, "sae", 0.5) == 2.0
     assert steering_eval.best_strength(points, "sae", 5.0) == 4.0
-    assert steering_eval.best_strength(points, "sae", 0.01) is None
+    assert steering_eval.best_strength(points, "sae", 0.01) is None  # none within the budget
     assert steering_eval.best_strength(points, "random", 5.0) is None
+    # Within the budget but no more concept than the unsteered model: no best.
+    assert steering_eval.best_strength(points, "sae", 0.1) is None
 
 
 def _config(local_run, tmp_path):

@@ -20,7 +20,8 @@ Each direction and strength is scored twice:
   distribution and the increase in held-out cross-entropy (nats per token).
 
 A direction's best trade-off is the strength with the highest `fires` whose CE increase stays
-within `max_ce_increase`. The unsteered model is the reference row (strength 0).
+within `max_ce_increase`, provided it fires more than on the unsteered continuations; else none.
+The unsteered model is the reference row (strength 0).
 """
 
 from __future__ import annotations
@@ -173,11 +174,13 @@ def evaluate_steering(
 
 def best_strength(points: list[SteeringPoint], method: str, max_ce_increase: float):
     """The strength of `method` with the highest `fires` (then activation) among those whose
-    CE increase is within the budget; None when none is."""
+    CE increase is within the budget; None when none is, or when even that one does not make
+    the feature fire more than the unsteered model (points[0]) does."""
     within = [p for p in points if p.method == method and p.ce_increase <= max_ce_increase]
     if not within:
         return None
-    return max(within, key=lambda p: (p.fires, p.activation)).strength
+    best = max(within, key=lambda p: (p.fires, p.activation))
+    return best.strength if best.fires > points[0].fires else None
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:

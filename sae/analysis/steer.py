@@ -9,6 +9,7 @@ of `gemma-sae steer`, which calls `steer`.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,8 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from sae.analysis import steering
+from sae.analysis.steering_eval import SteeringEvaluation, evaluate_steering
+from sae.data.token_shards import iter_sequences
 from sae.errors import ConfigError, InputError
-from sae.io import model_sources, presets, saelens, storage
+from sae.io import manifest, model_sources, presets, saelens, storage
 from sae.io.saelens import Sae
 from sae.model.generation import Generation, SteeredGenerator
 from sae.progress import log
@@ -74,6 +77,105 @@ def steer(
         plan.layer,
         max_new_tokens=max_new_tokens,
         top_k=top_k,
+        seed=seed,
+    )
+
+
+def render_generations(
+    sae: Sae,
+    feature: int,
+    prompt: str,
+    generations: list[Generation],
+    *,
+    model_preset: str,
+    layer: int | None,
+    max_new_tokens: int,
+    top_k: int = 0,
+    seed: int = 0,
+    sae_uri: str | None = None,
+    **_: object,
+) -> str:
+    """What `gemma-sae steer` prints: a header naming the model, SAE, block and sampling,
+    then one labelled, indented block per strength, the unsteered continuation first."""
+    # steer checked these: the layer given, else the SAE's.
+    layer = layer if layer is not None else sae.layer
+    where = f"decoder_block_{layer}"
+    if sae.layer is not None and layer != sae.layer:
+        where += f" (SAE trained on layer {sae.layer})"
+    sampling = f"top-{top_k} sampling, seed {seed}" if top_k else "greedy"
+    lines = [
+        f"model:   {model_preset}",
+        f"SAE:     {sae_uri} (feature {feature} of {sae.d_sae})",
+        f"steered: {where}, {sampling}, {max_new_tokens} tokens",
+        f"prompt:  {prompt}",
+    ]
+    for generation in generations:
+        label = "unsteered" if generation.strength == 0 else f"strength {generation.strength:g}"
+        text = generation.text or "(nothing before EOS)"
+        lines += ["", f"--- {label} ---", *("  " + line for line in text.splitlines())]
+    return "\n".join(lines)
+
+
+def evaluate(
+    sae: Sae,
+    feature: int,
+    strengths: Sequence[float],
+    prompts: Sequence[str],
+    tokens_uri: str,
+    *,
+    model_preset: str | None = None,
+    layer: int | None = None,
+    dtype: str = "float32",
+    lm_batch_size: int = 8,
+    max_new_tokens: int = 24,
+    top_k: int = 0,
+    cost_sequences: int = 16,
+    diffmean_tokens: int = 20_000,
+    max_ce_increase: float = 0.5,
+    allow_layer_mismatch: bool = False,
+    seed: int = 0,
+    sae_uri: str | None = None,
+) -> SteeringEvaluation:
+    """The steering evaluation (sae.analysis.steering_eval) of `feature` at `strengths` on
+    `prompts`, DiffMean and the cost taken from the held-out split of the tokenize output at
+    `tokens_uri`; checked like `steer` first, then the evaluation's own settings."""
+    plan = plan_steering(
+        sae,
+        feature,
+        strengths,
+        model_preset=model_preset,
+        layer=layer,
+        max_new_tokens=max_new_tokens,
+        allow_layer_mismatch=allow_layer_mismatch,
+        sae_uri=sae_uri,
+    )
+    if top_k:
+        raise ConfigError("--evaluate generates greedily; leave out --top-k")
+    counts = {"--cost-sequences": cost_sequences, "--diffmean-tokens": diffmean_tokens}
+    for flag, value in counts.items():
+        if value < 1:
+            raise ConfigError(f"{flag} must be positive, got {value}")
+    tokens = manifest.require(tokens_uri, "tokenize")
+    if not tokens["shards"]["eval"]:
+        raise InputError(f"--evaluate needs a held-out split; {tokens_uri} has none")
+    wanted = max(cost_sequences, diffmean_tokens // int(tokens["sequence_length"]) + 1)
+    held_out = list(itertools.islice(iter_sequences(tokens["shards"]["eval"]), wanted))
+    log("steer", f"loading {plan.preset}")
+    generator = SteeredGenerator.from_preset(plan.preset, dtype)
+    return evaluate_steering(
+        generator,
+        sae,
+        feature,
+        plan.layer,
+        plan.strengths,
+        prompts,
+        held_out,
+        tokens["tokenizer"]["bos_id"],
+        lm_batch_size=lm_batch_size,
+        cost_sequences=cost_sequences,
+        diffmean_tokens=diffmean_tokens,
+        max_new_tokens=max_new_tokens,
+        max_ce_increase=max_ce_increase,
         seed=seed,
     )
 

@@ -12,7 +12,9 @@ is truncated after that block. Three measurements, in tokens (sequence positions
 - `forward`: the tap's jitted forward on device-resident batches, nothing else (reference);
 - `extract`: what the extract job does: host batches in, activations out to the host, BOS and
   padding dropped, rows written to an activation store (bf16 zarr via tensorstore);
-- `extract_train`: streaming: activations through the shuffle buffer into a TopK SAE step.
+- `extract_train`: streaming as the train job does it (forwards in flight, the shuffle buffer
+  in the model's dtype) into a TopK SAE step; `data_wait_fraction` is the share of its time
+  the loop spent getting the next batch.
 Resident host memory is sampled at the start and end of each phase: it should stay flat; each
 phase's peak (Linux's high-water mark, reset at its start) and the whole run's are reported too.
 """
@@ -30,6 +32,7 @@ from datetime import date
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax  # noqa: E402
+import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sae import (
@@ -182,18 +185,34 @@ def main() -> None:
     jax.block_until_ready(trainer.step(state["value"], first))  # compile (state is donated)
     state["value"] = trainer.init_state(0, first)
 
+    waits: dict[str, float] = {}
+
     def extract_train() -> int:
+        # The train job's streaming path: forwards kept in flight, the shuffle buffer in the
+        # model's dtype, each step dispatched while the host prepares the next batch.
         sequences = _sequences(rng, args.batches * batch, sequence, vocabulary)
-        chunks = activations.activation_chunks(sequences, tap, batch, bos_id=2)
-        buffer = activations.ShuffleBuffer(2 * shape["sae_batch"], d_model, seed=0)
-        metrics = None
-        for rows in buffer.batches(chunks, shape["sae_batch"], drain=True):
+        dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32
+        buffer = activations.ShuffleBuffer(2 * shape["sae_batch"], d_model, 0, dtype)
+        stream = activations.LockstepBatches(sequences, tap, buffer, batch, shape["sae_batch"], 2)
+        metrics, waited = None, 0.0
+        while True:
+            asked = time.perf_counter()
+            rows = next(stream, None)
+            waited += time.perf_counter() - asked
+            if rows is None:
+                break
             state["value"], metrics = trainer.step(state["value"], rows)
         jax.block_until_ready(metrics)
+        waits["extract_train"] = waited
         return args.batches * tokens_per_batch
 
     results = {"forward": _timed(forward), "extract": _timed(extract)}
     results["extract_train"] = _timed(extract_train)
+    # The share of the streaming loop's time spent getting the next batch: the step waiting
+    # on the host (its model forwards included, which the device runs between steps).
+    results["extract_train"]["data_wait_fraction"] = (
+        waits["extract_train"] / results["extract_train"]["seconds"]
+    )
     reference = results["forward"]["tokens_per_second"]
     for name in ("extract", "extract_train"):
         results[name]["vs_forward"] = results[name]["tokens_per_second"] / reference

@@ -1,6 +1,6 @@
 """The markdown tables docs/PERFORMANCE.md shows, from the benchmarks' JSON outputs.
 
-python bench/table.py bench-results/train_step.json bench-results/extract.json
+python bench/table.py bench-results/train_step.json bench-results/extract.json ...
 """
 
 from __future__ import annotations
@@ -34,21 +34,39 @@ def _extract(result: dict[str, Any]) -> list[str]:
     lines = [
         f"### Extraction, {result['device']}, {result['date']}, shapes {result['shapes']}",
         "",
-        "| phase | tokens/s | vs forward | vs extract |",
-        "|---|---|---|---|",
+        "| phase | tokens/s | vs forward | vs extract | data wait |",
+        "|---|---|---|---|---|",
     ]
     for phase, entry in result["results"].items():
         vs_forward = entry.get("vs_forward", 1.0)
-        vs_extract = entry.get("vs_extract")
+        vs_extract, wait = entry.get("vs_extract"), entry.get("data_wait_fraction")
         lines.append(
             f"| {phase} | {entry['tokens_per_second']:,.0f} | {vs_forward:.2f} | "
-            f"{'' if vs_extract is None else f'{vs_extract:.2f}'} |"
+            f"{'' if vs_extract is None else f'{vs_extract:.2f}'} | "
+            f"{'' if wait is None else f'{wait:.2f}'} |"
+        )
+    return lines
+
+
+def _batch_cutoff(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"### BatchTopK cut-off, {result['device']}, {result['date']}, shapes {result['shapes']}",
+        "",
+        f"Default here: {result['default']}; one reduction pass {result['one_pass_seconds']:.5f} s.",
+        "",
+        "| method (digit bits:count) | passes | seconds | vs one pass |",
+        "|---|---|---|---|",
+    ]
+    for entry in result["results"]:
+        lines.append(
+            f"| {entry['method']} | {entry['passes']} | {entry['seconds']:.5f} | "
+            f"{entry['vs_one_pass']:.3f} |"
         )
     return lines
 
 
 def main(paths: list[str]) -> None:
-    render = {"train_step": _train_step, "extract": _extract}
+    render = {"train_step": _train_step, "extract": _extract, "batchtopk_select": _batch_cutoff}
     for path in paths:
         with open(path) as handle:
             result = json.load(handle)

@@ -184,3 +184,40 @@ def test_pre_activation_loss_lifts_dead_latents_only():
     )(params)
     differs = np.any(np.asarray(grad["W_enc"]) != np.asarray(mse_only["W_enc"]), axis=0)
     assert differs[:10].all() and not differs[10:].any()
+
+
+@pytest.mark.parametrize("num_dead", [0, 3, 8, 13, 40, 90, 128])
+def test_auxk_over_the_dead_subset_matches_the_masked_form(num_dead):
+    """The gathered form (the dead latents in a fixed-size subset) gives the loss and gradients
+    of the plain masked top-k over the full width, whichever subset size the dead count picks."""
+    from sae.arch import sparse_ops
+    from sae.arch.auxk import auxk_loss
+
+    rng = np.random.default_rng(num_dead)
+    tokens, width, d, k_aux = 12, 128, 16, 8
+    params = {
+        "W_dec": jnp.asarray(rng.normal(size=(width, d)), jnp.float32),
+        "b_dec": jnp.zeros(d),
+    }
+    x = jnp.asarray(rng.normal(size=(tokens, d)), jnp.float32)
+    reconstruction = jnp.asarray(rng.normal(size=(tokens, d)), jnp.float32)
+    pre = jnp.asarray(rng.normal(size=(tokens, width)), jnp.float32)
+    dead = jnp.zeros(width, bool).at[rng.permutation(width)[:num_dead]].set(True)
+
+    def masked_reference(params, pre):
+        masked = jnp.where(dead, pre, -jnp.inf)
+        cutoff = sparse_ops.top_k(masked, k_aux)[0][:, -1:]
+        latents = jnp.where(dead & (masked >= cutoff), jax.nn.relu(pre), 0.0)
+        prediction = latents @ params["W_dec"]
+        residual = x - reconstruction
+        loss = jnp.sum((residual - prediction) ** 2) / jnp.sum((residual - residual.mean(0)) ** 2)
+        return jnp.where(num_dead > 0, jnp.minimum(num_dead / k_aux, 1.0) * loss, 0.0)
+
+    def gathered(params, pre):
+        return auxk_loss(params, x, reconstruction, pre, dead, k_aux, "float32")
+
+    want, want_grads = jax.value_and_grad(masked_reference, argnums=(0, 1))(params, pre)
+    got, got_grads = jax.jit(jax.value_and_grad(gathered, argnums=(0, 1)))(params, pre)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)

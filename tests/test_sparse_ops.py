@@ -51,3 +51,37 @@ def test_sharded_ops_and_gradients_are_exact(mesh_shape):
         )
     for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(reference), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("digit_bits", "histogram"), [(1, False), (3, False), (4, False), (5, True), (16, True)]
+)
+def test_radix_select_is_exact_for_every_method(digit_bits, histogram):
+    """Ties, zeros (half the entries after a ReLU), a huge value and n past the positives."""
+    rng = np.random.default_rng(digit_bits)
+    values = np.maximum(rng.normal(size=(32, 96)), 0).astype(np.float32)
+    values[0, :10] = 0.5  # ties straddling some cut-offs
+    values[3, 7] = 6.5e4  # a massive activation, like Gemma's outlier dimensions
+    ranked = np.sort(values.ravel())[::-1]
+    ns = (1, 2, 11, 700, int((values > 0).sum()), values.size)
+    for n in ns:
+        got = sparse_ops.kth_largest(jnp.asarray(values), n, digit_bits, histogram)
+        assert float(got) == ranked[n - 1], (n, digit_bits)
+    with jax.set_mesh(sharding.make_mesh(2, 4)):
+        sharded = jax.device_put(
+            values, NamedSharding(sharding.make_mesh(2, 4), P("data", "model"))
+        )
+        for n in ns:
+            got = jax.jit(lambda v, n=n: sparse_ops.kth_largest(v, n, digit_bits, histogram))(
+                sharded
+            )
+            assert float(got) == ranked[n - 1], (n, digit_bits, "sharded")
+
+
+def test_row_kth_largest_matches_top_k():
+    rng = np.random.default_rng(3)
+    values = np.maximum(rng.normal(size=(40, 70)), 0).astype(np.float32)
+    values[5, :9] = 1.25  # ties
+    for k in (1, 8, 30, 70):
+        want = np.sort(values, axis=1)[:, -k][:, None]
+        np.testing.assert_array_equal(sparse_ops.row_kth_largest(jnp.asarray(values), k), want)

@@ -276,3 +276,42 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_loop():
         run_loop(
             trainer, states, batches, steps=4, log_every=4, checkpoint_every=4, hooks=LoopHooks()
         )
+
+
+def test_the_loop_logs_the_share_of_its_time_spent_waiting_for_data():
+    """A clock the test drives: getting each batch costs 3 ticks, the rest of a step 1."""
+    from sae.data.prefetch import Prefetched
+
+    trainer = StepTrainer(_members(), _single_device()[0].mesh, 128)
+    x = _data()
+    states = trainer.init_state(0, x[:128])
+    now = {"t": 0.0}
+
+    def slow_batches():
+        for i in range(4):
+            now["t"] += 3.0
+            yield x[i * 128 : (i + 1) * 128]
+
+    def clock() -> float:
+        now["t"] += 0.5  # read twice per step: around `next`, then by the window's end
+        return now["t"]
+
+    logged: list[dict[str, float]] = []
+    hooks = LoopHooks(on_metrics=lambda step, m: logged.append(m), clock=clock)
+    run_loop(
+        trainer, states, slow_batches(), steps=4, log_every=4, checkpoint_every=10, hooks=hooks
+    )
+    # The window opens at 0.5 and closes at 17.0; each step waits 3.5 ticks (3 + one read).
+    assert logged[-1]["data_wait_fraction"] == pytest.approx(4 * 3.5 / 16.5)
+    # Prefetched on a thread, the same batches arrive in the same order.
+    states = trainer.init_state(0, x[:128])
+    feed = Prefetched(iter([x[i * 128 : (i + 1) * 128] for i in range(4)]), trainer.put_batch)
+    with_thread = run_loop(trainer, states, feed, 4, 4, 10, LoopHooks())
+    states = trainer.init_state(0, x[:128])
+    in_line = run_loop(
+        trainer, states, iter([x[i * 128 : (i + 1) * 128] for i in range(4)]), 4, 4, 10, LoopHooks()
+    )
+    for name in in_line:
+        np.testing.assert_array_equal(
+            with_thread[name].params["W_dec"], in_line[name].params["W_dec"]
+        )

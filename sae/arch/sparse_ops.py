@@ -11,6 +11,8 @@ the whole decoder: the forward pass and both backward products scale with k, not
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -18,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from sae.sharding import DATA, MODEL
 
 
-def _model_shards() -> int:
+def model_shards() -> int:
     mesh = jax.sharding.get_abstract_mesh()
     return int(mesh.shape.get(MODEL, 1)) if mesh.axis_names else 1
 
@@ -30,7 +32,7 @@ def _data_axis() -> str | None:
 
 def top_k(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """The k largest entries of each row of `pre` [tokens, latents] and their latent indices."""
-    if _model_shards() == 1:
+    if model_shards() == 1:
         return jax.lax.top_k(pre, k)
 
     def local(block: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -51,44 +53,102 @@ def top_k(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     )(pre)
 
 
-def kth_largest(values: jax.Array, n: int) -> jax.Array:
+# Bits of a non-negative float32's pattern that vary (the sign bit is always 0).
+_VALUE_BITS = 31
+# The radix select per backend: (digit bits, histogram). A histogram pass scatter-adds every
+# entry into 2**bits counters; a comparison pass counts the entries at or above each of the
+# 2**bits - 1 candidate prefixes (reductions only, no scatter, which TPUs serialise). Fewer,
+# wider digits mean fewer reads of the activations. `bench/batch_cutoff.py` times them all: the
+# CPU entry is what it measured on the project's VM (docs/PERFORMANCE.md); the accelerator
+# entries are unmeasured guesses until a device run replaces them.
+SELECT_METHOD = {"cpu": (16, True), "gpu": (16, True), "tpu": (4, False)}
+
+
+def kth_largest(
+    values: jax.Array, n: int, digit_bits: int | None = None, histogram: bool | None = None
+) -> jax.Array:
     """The n-th largest entry of the whole non-negative array `values` [tokens, latents]
     (BatchTopK's cut-off), exact, without sorting.
 
-    Non-negative floats order like their bit patterns read as integers, so a binary search
-    over those integers, counting entries at or above the midpoint, lands on the n-th largest
-    value in 31 passes. Sharded, each pass adds the devices' counts: scalars cross the mesh,
-    never the activations.
+    Non-negative floats order like their bit patterns read as integers. A radix select fixes
+    those bits from the top, `digit_bits` at a time: each pass counts the entries under every
+    value of the next digit and keeps the largest digit that still leaves n entries at or
+    above it, so ceil(31 / digit_bits) passes read the array (31 with one bit: a binary
+    search). Sharded, each pass adds the devices' counts: 2**digit_bits integers cross the
+    mesh, never the activations.
     """
+    default_bits, default_histogram = SELECT_METHOD.get(jax.default_backend(), (4, False))
+    digit_bits = digit_bits or default_bits
+    histogram = default_histogram if histogram is None else histogram
     mesh = jax.sharding.get_abstract_mesh()
     axes = tuple(mesh.axis_names) if mesh.axis_names and mesh.size > 1 else ()
 
     def search(block: jax.Array) -> jax.Array:
-        bits = jax.lax.bitcast_convert_type(jnp.maximum(block, 0.0), jnp.int32)
+        def total(counts: jax.Array) -> jax.Array:
+            return jax.lax.psum(counts, axes) if axes else counts
 
-        def halve(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-            low, high = bounds
-            middle = low + (high - low + 1) // 2
-            count = jnp.sum(bits >= middle, dtype=jnp.int32)
-            if axes:
-                count = jax.lax.psum(count, axes)
-            enough = count >= n
-            return jnp.where(enough, middle, low), jnp.where(enough, high, middle - 1)
-
-        start = (jnp.int32(0), jnp.int32(0x7F800000))  # 0.0 .. +inf
-        low, _ = jax.lax.fori_loop(0, 31, halve, start)
-        return jax.lax.bitcast_convert_type(low, jnp.float32)
+        bits = _bit_patterns(block).reshape(-1)
+        return _radix_select(bits, n, digit_bits, histogram, lambda c: total(jnp.sum(c, 0)))
 
     if not axes:
         return search(values)
     return jax.shard_map(search, in_specs=P(DATA, MODEL), out_specs=P(), check_vma=False)(values)
 
 
+def row_kth_largest(values: jax.Array, k: int) -> jax.Array:
+    """[tokens, 1]: the k-th largest entry of each row of the non-negative `values`, exact
+    (the radix select by comparisons, one bit at a time, counting per row). Unlike `top_k`
+    it returns no indices and sorts nothing: for a cut-off alone (AuxK's) it is several times
+    cheaper. Rows may be sharded; the latents of a row must be on one device."""
+    bits = _bit_patterns(values)
+    return _radix_select(bits, k, 1, False, lambda c: jnp.sum(c, -1, keepdims=True))
+
+
+def _bit_patterns(values: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(jnp.maximum(values, 0.0), jnp.int32)
+
+
+def _radix_select(
+    bits: jax.Array,
+    n: int,
+    digit_bits: int,
+    histogram: bool,
+    count: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
+    """The float whose pattern is the n-th largest of `bits` along what `count` sums over
+    (`count` maps [entries..., x] indicators to totals and adds devices' counts)."""
+    # Materialised once: fused into each pass, its producers (a gather, say) would rerun.
+    bits = jax.lax.optimization_barrier(bits)
+    prefix = jnp.zeros(jax.eval_shape(count, bits).shape, jnp.int32)  # the answer's bits so far
+    above = prefix  # histogram only: entries whose fixed bits exceed the prefix
+    fixed = 0
+    while fixed < _VALUE_BITS:
+        width = min(digit_bits, _VALUE_BITS - fixed)
+        high = bits >> (_VALUE_BITS - fixed - width)
+        base = prefix << width
+        if histogram:
+            under = ((high >> width) == prefix).astype(jnp.int32)
+            counts = jnp.zeros((1, 2**width), jnp.int32).at[0, high & (2**width - 1)].add(under)
+            counts = count(counts)
+            # at_least[d]: entries at or above prefix:d
+            at_least = above + jnp.cumsum(counts[::-1])[::-1]
+        else:
+            counts = [count((high >= base + d).astype(jnp.int32)) for d in range(1, 2**width)]
+            at_least = jnp.stack([jnp.full_like(prefix, n)] + counts)
+        # at_least falls as the digit grows and digit 0 always reaches n.
+        digit = jnp.sum(at_least[1:] >= n, axis=0, dtype=jnp.int32)
+        if histogram:
+            above = at_least[digit] - counts[digit]
+        prefix = base + digit
+        fixed += width
+    return jax.lax.bitcast_convert_type(prefix, jnp.float32)
+
+
 def sparse_decode(values: jax.Array, indices: jax.Array, w_dec: jax.Array) -> jax.Array:
     """sum_j values[t, j] * w_dec[indices[t, j]]: [tokens, k] x [latents, d] -> [tokens, d],
     multiplied in w_dec's dtype and accumulated in float32."""
     values = values.astype(w_dec.dtype)
-    if _model_shards() == 1:
+    if model_shards() == 1:
         return jnp.einsum("tk,tkd->td", values, w_dec[indices], preferred_element_type=jnp.float32)
 
     def local(vals: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:

@@ -203,7 +203,8 @@ class StoreRows:
             for part, rows in enumerate(self.part_rows)
             for start in range(0, rows, self.chunk_rows)
         ]
-        self.row_bytes = sum(self.d_model * first.dtype.numpy_dtype.itemsize for _ in self.sites)
+        self.dtype = first.dtype.numpy_dtype
+        self.row_bytes = sum(self.d_model * self.dtype.itemsize for _ in self.sites)
         # What this process has asked of the store so far (the per-host read tests count it).
         self.bytes_read = 0
 
@@ -222,7 +223,9 @@ class StoreRows:
         ]
 
     def assemble(self, chunks: Sequence[Chunk], futures: list[ts.Future]) -> np.ndarray:
-        out = np.empty((sum(c.rows for c in chunks), self.dim), np.float32)
+        """The chunks' rows in the store's dtype: bfloat16 rows stay bfloat16 on their way to
+        the device (half the host memory and transfer), where the step casts them."""
+        out = np.empty((sum(c.rows for c in chunks), self.dim), self.dtype)
         row, sites = 0, len(self.sites)
         for index, chunk in enumerate(chunks):
             for site in range(sites):
@@ -288,9 +291,10 @@ class ShuffledReader:
                 start += size
             epoch, skip = epoch + 1, 0
 
-    def _stream(self, position: int) -> Iterator[np.ndarray]:
-        """Rows of the stream from `position` on, a window at a time; the next window is
-        fetched while the current one is consumed."""
+    def _stream(self, position: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(window rows, their shuffled order) of the stream from `position` on, a window at a
+        time; the next window is fetched while the current one is consumed. Batches gather
+        their rows from the window by that order: the window is never copied shuffled."""
         windows = self._schedule(position)
         current = next(windows)
         reads = self.rows.read_chunks(current[2])
@@ -301,16 +305,21 @@ class ShuffledReader:
             rows = self.rows.assemble(chunks, reads)
             key = [self.seed, epoch, index, 1] + ([self.group] if self.groups > 1 else [])
             order = np.random.default_rng(key).permutation(len(rows))
-            yield rows[order[skip:]]
+            yield rows, order[skip:]
             current, reads = upcoming, upcoming_reads
 
     def batches(self, start_step: int = 0) -> Iterator[np.ndarray]:
         """Batches (the group's share of each) from step `start_step` on."""
-        queue = _RowQueue()
-        for block in self._stream(start_step * self.batch_size):
-            queue.push(block)
-            while queue.size >= self.batch_size:
-                yield queue.pop(self.batch_size)
+        pieces: list[np.ndarray] = []  # a batch that spans windows, gathered so far
+        wanted = self.batch_size
+        for rows, order in self._stream(start_step * self.batch_size):
+            while len(order):
+                take, order = order[:wanted], order[wanted:]
+                pieces.append(rows[take])
+                wanted -= len(take)
+                if not wanted:
+                    yield pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+                    pieces, wanted = [], self.batch_size
 
 
 def open_store(store_uri: str, sites: Sequence[int | Site]) -> tuple[StoreRows, dict]:

@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 
 from sae import arch, sharding
 from sae.config import PipelineConfig, TrainConfig
-from sae.data import activations, batches
+from sae.data import activations, batches, prefetch
 from sae.errors import ConfigError, InputError, Preempted
 from sae.io import manifest, saelens, storage
 from sae.io.stages import StageOutput, run_stage
@@ -277,11 +277,19 @@ def _global_batches(
         log("train", f"streaming: {tap.describe_weights()}")
     if jax.process_count() == 1:
         local = batches.batches(config, source, start_step, None, tap, resume)
-        return local, local
-    host_rows = trainer.host_rows(cfg.batch_size)
-    group = trainer.row_group(cfg.batch_size)
-    local = batches.batches(config, source, start_step, host_rows, tap, resume, group)
-    return (trainer.put_batch(rows, cfg.batch_size) for rows in local), local
+        put = trainer.put_batch
+    else:
+        host_rows = trainer.host_rows(cfg.batch_size)
+        group = trainer.row_group(cfg.batch_size)
+        local = batches.batches(config, source, start_step, host_rows, tap, resume, group)
+
+        def put(rows: np.ndarray) -> jax.Array:
+            return trainer.put_batch(rows, cfg.batch_size)
+
+    if source.streams:  # in-line: see sae.data.prefetch for why not on a thread
+        return (map(put, local) if jax.process_count() > 1 else local), local
+    # Read, gathered and on the device on a background thread, two batches ahead.
+    return prefetch.Prefetched(local, put), local
 
 
 def _position_uri(output: str, step: int) -> str:
@@ -313,6 +321,7 @@ def _train(
     trainer = StepTrainer(members, mesh, cfg.dead_window_tokens, cfg.max_skipped_steps)
     position = _saved_position(source, output, start_step)
     rows, local = _global_batches(config, source, trainer, start_step or 0, position)
+    feed = rows
     resumed: dict[str, Any] = {}
     if start_step is not None and source.streams:
         # Forwards run to get back to the data position: none from a saved one; the whole
@@ -410,6 +419,8 @@ def _train(
     except NonFiniteSteps as error:
         raise NonFiniteSteps(f"{error}; train.source={cfg.source}") from None
     finally:
+        if isinstance(feed, prefetch.Prefetched):
+            feed.close()
         signal.signal(signal.SIGTERM, previous_handler)
         checkpoints.close()
         metrics_log.close()

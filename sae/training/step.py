@@ -463,11 +463,14 @@ def run_loop(
     hooks: LoopHooks,
 ) -> dict[str, TrainState]:
     """Train from the states' step to `steps`; `batches` must already be positioned there.
-    Logged metrics include `tokens_per_second` over the steps since the last log."""
+    Logged metrics include `tokens_per_second` and `data_wait_fraction` (the share of the
+    time spent waiting for the next batch) over the steps since the last log."""
     step = int(next(iter(states.values())).step)
-    window_start, window_tokens = hooks.clock(), 0
+    window_start, window_tokens, window_wait = hooks.clock(), 0, 0.0
     while step < steps:
+        asked = hooks.clock()
         batch = next(batches, None)
+        window_wait += hooks.clock() - asked
         if batch is None:
             raise RuntimeError("activation stream ended before training finished")
         states, metrics = trainer.step(states, batch)
@@ -477,7 +480,9 @@ def run_loop(
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = hooks.clock()
             values["tokens_per_second"] = window_tokens / max(now - window_start, 1e-9)
-            window_start, window_tokens = now, 0
+            # The share of the loop's time spent getting batches (the step waiting on data).
+            values["data_wait_fraction"] = window_wait / max(now - window_start, 1e-9)
+            window_start, window_tokens, window_wait = now, 0, 0.0
             hooks.on_metrics(step, values)
             check_finite_steps(step, values, trainer.max_skipped_steps)
         hooks.after_step(step, states)

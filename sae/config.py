@@ -297,6 +297,32 @@ class ExtractConfig:
 
 
 @dataclass
+class ProbingConfig:
+    """Sparse probing (SAEBench's): labelled documents, each SAE's latents mean-pooled per
+    document, the k latents whose class means differ most, a logistic probe on them."""
+
+    # A JSONL or Parquet file of labelled documents; empty: the demo's genre-labelled
+    # documents when demo.enabled (written apart from the training corpus), else no probing.
+    data: str = ""
+    text_field: str = "text"
+    label_field: str = "label"
+    max_documents: int = 1000
+    k_values: list[int] = field(default_factory=lambda: [1, 2, 5, 20])
+    # Documents held out from fitting each probe, on which its accuracy is reported.
+    test_fraction: float = 0.2
+    # A class needs this many documents to become a task (class against the rest, balanced).
+    min_class_documents: int = 20
+    seed: int = 0
+
+    def validate(self) -> None:
+        _positive(self, "max_documents", "min_class_documents")
+        if not self.k_values or any(k < 1 for k in self.k_values):
+            raise ConfigError("report.probing.k_values must be positive latent counts")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError("report.probing.test_fraction must be between 0 and 1")
+
+
+@dataclass
 class ReportConfig:
     """Evaluation on the held-out split, feature pages and steering vectors."""
 
@@ -332,8 +358,10 @@ class ReportConfig:
     steering_eval_new_tokens: int = 24
     steering_eval_sequences: int = 16
     steering_eval_max_ce_increase: float = 0.5
+    probing: ProbingConfig = field(default_factory=ProbingConfig)
 
     def validate(self) -> None:
+        self.probing.validate()
         _positive(self, "eval_tokens", "top_contexts")
         _non_negative(self, "context_window", "max_features", "num_steering", "spliced_sequences")
         _non_negative(self, "mean_ablation_tokens", "curve_sequences", "steering_eval_features")
@@ -399,6 +427,17 @@ class PipelineConfig:
     @property
     def demo_corpus_dir(self) -> str:
         return storage.join(self.workdir, "corpus")
+
+    @property
+    def demo_probing_uri(self) -> str:
+        """The demo's genre-labelled documents for sparse probing (not in the corpus)."""
+        return storage.join(self.workdir, "probing", "genres.jsonl")
+
+    @property
+    def probing_uri(self) -> str:
+        """report.probing.data, or the demo's labelled documents; empty: no probing."""
+        data = self.report.probing.data
+        return data or (self.demo_probing_uri if self.demo.enabled else "")
 
     @property
     def preset_uri(self) -> str:

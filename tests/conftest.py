@@ -198,6 +198,7 @@ SMALL = [
     "report.max_features=40",
     "report.num_steering=4",
     "report.curve_sequences=64",
+    "report.probing.max_documents=350",
 ]
 
 

@@ -46,6 +46,33 @@ def test_pipeline_writes_a_real_report(local_run, name):
     assert model["final_heldout_loss"] < 0.6 * model["initial_heldout_loss"]
 
 
+def test_the_report_probes_the_demo_genres_with_a_few_latents(local_run):
+    """The demo's genre-labelled documents (none from the corpus), one balanced task per
+    genre: the raw activations and a handful of latents tell genres apart far above chance."""
+    found = json.loads((local_run / "report" / "probing.json").read_text())
+    assert found["data"].endswith("probing/genres.jsonl")
+    assert len(found["tasks"]) == 7 and found["chance"] == 0.5
+    assert found["documents"] == 350 and found["dropped_empty_documents"] == 0
+    for task in found["tasks"]:
+        assert task["test_documents"] >= 10 and task["test_documents"] % 2 == 0
+    (site,) = found["sites"].values()
+    assert site["llm_test_accuracy"] > 0.9
+    summary = json.loads((local_run / "report" / "metrics.json").read_text())["saes"]
+    for name in SMALL_SAES:
+        accuracies = found["saes"][name]["sae_top_k_test_accuracy"]
+        assert set(accuracies) == {"1", "2", "5", "20"}
+        assert accuracies["20"] > 0.9 and accuracies["1"] > 0.75
+        assert summary[name]["sae_top_1_test_accuracy"] == accuracies["1"]
+        assert summary[name]["llm_test_accuracy"] == site["llm_test_accuracy"]
+    corpus = {
+        json.loads(line)["text"]
+        for path in (local_run / "corpus").glob("*.jsonl")
+        for line in path.read_text().splitlines()
+    }
+    probing = (local_run / "probing" / "genres.jsonl").read_text().splitlines()
+    assert not corpus & {json.loads(line)["text"] for line in probing}
+
+
 def test_snapshots_give_a_held_out_curve_over_training_tokens(local_run):
     """train.n_checkpoints=1 of 60 steps of 256: one snapshot at step 30, in SAELens' format;
     the report judges it and the final SAE on the same tokens and sequences."""

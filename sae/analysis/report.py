@@ -18,6 +18,7 @@ from sae.analysis import (
     features,
     logit_effects,
     plots,
+    probing,
     report_html,
     steering,
     steering_eval,
@@ -58,6 +59,10 @@ def report(config: PipelineConfig, force: bool = False) -> bool:
         "tokens": manifest.fingerprint(config.tokens_uri),
         "sae": manifest.fingerprint(config.sae_uri),
     }
+    if config.probing_uri:
+        if not storage.exists(config.probing_uri):
+            raise InputError(f"report.probing.data: no file at {config.probing_uri}")
+        inputs["probing"] = storage.fingerprint(config.probing_uri)
 
     def body() -> StageOutput:
         return _report(config, tokens_manifest, eval_shards)
@@ -143,6 +148,14 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
     progress.close()
     results, snapshot_results = results[: len(entries)], results[len(entries) :]
     held_out = [dict(result.metrics) for result in results + snapshot_results]
+    processor = spm.SentencePieceProcessor(model_proto=presets.tokenizer_proto(preset))
+    probing_files = []
+    if config.probing_uri:
+        reads = {name: sites.index(pair[0]) for name, pair in zip(saes, read, strict=False)}
+        uri, added = _sparse_probing(config, tap, saes, reads, processor, tokens_manifest)
+        for name, result in zip(saes, results, strict=True):
+            result.metrics.update(added[name])
+        probing_files = [uri]
     means = {}
     if cfg.spliced_sequences and cfg.mean_ablation_tokens:
         train_shards = tokens_manifest["shards"]["train"]
@@ -181,7 +194,6 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
             ]
         )
         curve_files = _write_curve(config, curves)
-    processor = spm.SentencePieceProcessor(model_proto=presets.tokenizer_proto(preset))
     w_u = logit_effects.unembedding(backbone)
     training_log = plots.read_training_log(storage.join(config.sae_uri, "metrics.jsonl"))
     files: list[str] = []
@@ -222,7 +234,55 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
         report_html.render_overview("SAE run", overview, curve=bool(curve_files)),
     )
     counts = {f"{name}/{k}": v for name, m in all_metrics.items() for k, v in m.items()}
-    return StageOutput(counts, files + curve_files + list(summary_files.values()))
+    outputs = files + curve_files + probing_files + list(summary_files.values())
+    return StageOutput(counts, outputs)
+
+
+def _sparse_probing(
+    config: PipelineConfig,
+    tap: lm.ActivationTap,
+    saes: dict[str, tuple],
+    reads: dict[str, int],
+    processor: spm.SentencePieceProcessor,
+    tokens_manifest: dict,
+) -> tuple[str, dict[str, dict[str, float]]]:
+    """report/probing.json (sae.analysis.probing): its URI and, per SAE, the metrics it adds
+    (its top-k accuracies, and that of the probe on all of its site's raw dimensions)."""
+    cfg = config.report.probing
+    labelled = probing.read_labelled(
+        config.probing_uri, cfg.text_field, cfg.label_field, cfg.max_documents
+    )
+    found = probing.sparse_probing(
+        tap,
+        {name: (sae, params, reads[name]) for name, (sae, params, _) in saes.items()},
+        labelled,
+        processor.encode,
+        bos_id=tokens_manifest["tokenizer"]["bos_id"],
+        sequence_length=int(tokens_manifest["sequence_length"]),
+        lm_batch_size=config.train.lm_batch_size,
+        k_values=cfg.k_values,
+        test_fraction=cfg.test_fraction,
+        min_class_documents=cfg.min_class_documents,
+        seed=cfg.seed,
+    )
+    uri = storage.join(config.report_uri, "probing.json")
+    storage.write_json(uri, {"data": config.probing_uri, **found})
+    added = {}
+    for name, result in found["saes"].items():
+        accuracies = result["sae_top_k_test_accuracy"]
+        raw = found["sites"][result["site"]]
+        added[name] = {
+            **{f"sae_top_{k}_test_accuracy": v for k, v in accuracies.items()},
+            "llm_test_accuracy": raw["llm_test_accuracy"],
+        }
+        log(
+            "report",
+            f"{name} sparse probing ({len(found['tasks'])} tasks, {found['documents']} "
+            "documents, held-out accuracy): "
+            + ", ".join(f"top {k} {v:.3f}" for k, v in accuracies.items())
+            + f"; raw activations, all dimensions {raw['llm_test_accuracy']:.3f}",
+        )
+    return uri, added
 
 
 def _training_means(

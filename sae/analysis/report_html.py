@@ -19,7 +19,7 @@ def render_overview(title: str, rows: list[dict[str, Any]], curve: bool = False)
     `curve`: the run has snapshots, and curve.png beside the page plots them."""
     columns = ["name", "architecture", "layer", "d_sae", "l0", "fraction_variance_explained"]
     columns += ["ce_loss_recovered", "delta_lm_loss", "kl_div_with_sae"]
-    columns += ["dead_fraction", "dense_latents"]
+    columns += ["dead_fraction", "dense_latents", "sae_top_1_test_accuracy"]
     head = "".join(f"<th>{escape(c)}</th>" for c in columns)
 
     def cell(row: dict[str, Any], column: str) -> str:

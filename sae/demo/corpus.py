@@ -395,11 +395,33 @@ GENERATORS: dict[str, Callable[[random.Random], str]] = {
 
 def generate_documents(num_documents: int, seed: int = 0) -> Iterator[str]:
     """Yield num_documents documents; the same seed always gives the same texts."""
+    for text, _ in generate_labelled(num_documents, seed):
+        yield text
+
+
+def generate_labelled(num_documents: int, seed: int = 0) -> Iterator[tuple[str, str]]:
+    """(text, genre) of each document of `generate_documents`."""
     rng = random.Random(seed)
     for _ in range(num_documents):
         genre = rng.choice(GENRES)
         # One sub-generator per document keeps each document reproducible on its own.
-        yield GENERATORS[genre](random.Random(rng.getrandbits(64)))
+        yield GENERATORS[genre](random.Random(rng.getrandbits(64))), genre
+
+
+def write_labelled_documents(
+    uri: str, num_documents: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()
+) -> int:
+    """A JSONL of {"text", "label": genre} for sparse probing: fresh documents (another seed
+    than the corpus's), none of the texts in `exclude` (the training corpus). Returns how many."""
+    from sae.io import storage
+
+    lines = [
+        json.dumps({"text": text, "label": genre}, ensure_ascii=False)
+        for text, genre in generate_labelled(num_documents, seed)
+        if text not in exclude
+    ]
+    storage.write_text(uri, "".join(line + "\n" for line in lines))
+    return len(lines)
 
 
 def shard_name(index: int, num_files: int) -> str:

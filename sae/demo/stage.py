@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from sae.config import PipelineConfig
-from sae.demo.corpus import generate_documents, write_demo_corpus
+from sae.demo.corpus import generate_documents, write_demo_corpus, write_labelled_documents
 from sae.demo.tiny_model import TinyModelSpec, make_tiny_preset
 from sae.errors import ConfigError
 from sae.io import manifest
@@ -38,10 +38,18 @@ def demo(config: PipelineConfig, force: bool = False) -> bool:
     if not cfg.enabled:
         raise ConfigError("the demo stage needs demo.enabled: true")
     corpus_config = {k: getattr(cfg, k) for k in ("num_documents", "num_files", "seed")}
+    probing_documents = config.report.probing.max_documents
+    corpus_config["probing_documents"] = probing_documents
 
     def write_corpus() -> StageOutput:
         uris = write_demo_corpus(config.demo_corpus_dir, cfg.num_documents, cfg.num_files, cfg.seed)
-        return StageOutput({"documents": cfg.num_documents, "files": len(uris)}, uris)
+        # Genre-labelled documents for the report's sparse probing, none from the corpus.
+        corpus = set(generate_documents(cfg.num_documents, cfg.seed))
+        labelled = write_labelled_documents(
+            config.demo_probing_uri, probing_documents, cfg.seed + 1, corpus
+        )
+        counts = {"documents": cfg.num_documents, "files": len(uris), "probing": labelled}
+        return StageOutput(counts, [*uris, config.demo_probing_uri])
 
     wrote_corpus = run_stage(
         "demo-corpus", config.demo_corpus_dir, corpus_config, {}, write_corpus, force

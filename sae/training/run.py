@@ -288,8 +288,10 @@ def _global_batches(
 
     if source.streams:  # in-line: see sae.data.prefetch for why not on a thread
         return (map(put, local) if jax.process_count() > 1 else local), local
-    # Read, gathered and on the device on a background thread, two batches ahead.
-    return prefetch.Prefetched(local, put), local
+    # Read, gathered and on the device on a background thread, two batches ahead; no
+    # further than the run's last step (past it a reader would fetch data for nothing).
+    remaining = itertools.islice(local, max(cfg.steps - start_step, 0))
+    return prefetch.Prefetched(remaining, put), local
 
 
 def _position_uri(output: str, step: int) -> str:

@@ -3,8 +3,9 @@ jitted forward in the same run, printed as JSON.
 
     python bench/extract.py                                   # small shapes: runs anywhere
     python bench/extract.py --shapes gemma2-2b --dtype bfloat16   # one accelerator
-    # the real shapes on a CPU (a few minutes a forward): one 4096-token batch per phase
-    python bench/extract.py --shapes gemma2-2b --dtype bfloat16 --batches 1 --batch 4
+    # the real shapes on a CPU: three 4096-token model batches per phase, two SAE steps
+    python bench/extract.py --shapes gemma2-2b --dtype bfloat16 --batches 3 --batch 4 \
+        --buffer 4096
 
 The model is a keras-hub GemmaBackbone with random weights (Gemma 2 2B's shape for
 `gemma2-2b`: sliding-window and soft-cap settings included), tapped at one layer, so the model
@@ -130,6 +131,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8, help="LM batches per phase")
     parser.add_argument("--batch", type=int, default=0, help="sequences per LM batch (0: shape's)")
     parser.add_argument("--sequence", type=int, default=0, help="tokens per sequence (0: shape's)")
+    parser.add_argument(
+        "--buffer", type=int, default=0, help="shuffle buffer rows (0: twice the SAE batch)"
+    )
     args = parser.parse_args()
     shape = dict(SHAPES[args.shapes])
     shape["batch"] = args.batch or shape["batch"]
@@ -192,9 +196,9 @@ def main() -> None:
         # model's dtype, each step dispatched while the host prepares the next batch.
         sequences = _sequences(rng, args.batches * batch, sequence, vocabulary)
         dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32
-        buffer = activations.ShuffleBuffer(2 * shape["sae_batch"], d_model, 0, dtype)
+        buffer = activations.ShuffleBuffer(args.buffer or 2 * shape["sae_batch"], d_model, 0, dtype)
         stream = activations.LockstepBatches(sequences, tap, buffer, batch, shape["sae_batch"], 2)
-        metrics, waited = None, 0.0
+        metrics, waited, steps = None, 0.0, 0
         while True:
             asked = time.perf_counter()
             rows = next(stream, None)
@@ -202,8 +206,9 @@ def main() -> None:
             if rows is None:
                 break
             state["value"], metrics = trainer.step(state["value"], rows)
+            steps += 1
         jax.block_until_ready(metrics)
-        waits["extract_train"] = waited
+        waits["extract_train"], waits["steps"] = waited, steps
         return args.batches * tokens_per_batch
 
     results = {"forward": _timed(forward), "extract": _timed(extract)}
@@ -213,6 +218,7 @@ def main() -> None:
     results["extract_train"]["data_wait_fraction"] = (
         waits["extract_train"] / results["extract_train"]["seconds"]
     )
+    results["extract_train"]["sae_steps"] = int(waits["steps"])
     reference = results["forward"]["tokens_per_second"]
     for name in ("extract", "extract_train"):
         results[name]["vs_forward"] = results[name]["tokens_per_second"] / reference

@@ -58,10 +58,20 @@ _VALUE_BITS = 31
 # The radix select per backend: (digit bits, histogram). A histogram pass scatter-adds every
 # entry into 2**bits counters; a comparison pass counts the entries at or above each of the
 # 2**bits - 1 candidate prefixes (reductions only, no scatter, which TPUs serialise). Fewer,
-# wider digits mean fewer reads of the activations. `bench/batch_cutoff.py` times them all: the
-# CPU entry is what it measured on the project's VM (docs/PERFORMANCE.md); the accelerator
-# entries are unmeasured guesses until a device run replaces them.
+# wider digits mean fewer reads of the activations. `bench/batch_cutoff.py` times them all. On
+# the project's CPU (docs/PERFORMANCE.md) the 31-pass binary search wins while the array fits
+# in cache (1024 x 2048: 2x faster) and the 2-pass 16-bit histogram once it does not (4096 x
+# 16384: 1.6x faster); the accelerator entries are unmeasured guesses until a device run.
 SELECT_METHOD = {"cpu": (16, True), "gpu": (16, True), "tpu": (4, False)}
+# Below this many entries the CPU binary-searches (the array stays in cache across passes).
+CPU_CACHED_ENTRIES = 1 << 23
+
+
+def _default_method(entries: int) -> tuple[int, bool]:
+    backend = jax.default_backend()
+    if backend == "cpu" and entries < CPU_CACHED_ENTRIES:
+        return 1, False
+    return SELECT_METHOD.get(backend, (4, False))
 
 
 def kth_largest(
@@ -77,7 +87,7 @@ def kth_largest(
     search). Sharded, each pass adds the devices' counts: 2**digit_bits integers cross the
     mesh, never the activations.
     """
-    default_bits, default_histogram = SELECT_METHOD.get(jax.default_backend(), (4, False))
+    default_bits, default_histogram = _default_method(values.size)
     digit_bits = digit_bits or default_bits
     histogram = default_histogram if histogram is None else histogram
     mesh = jax.sharding.get_abstract_mesh()

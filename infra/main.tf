@@ -9,6 +9,8 @@ locals {
     "cloudbuild.googleapis.com",
     "cloudscheduler.googleapis.com",
     "compute.googleapis.com",
+    # Vulnerability scanning of every image pushed to Artifact Registry.
+    "containerscanning.googleapis.com",
     "iam.googleapis.com",
     "logging.googleapis.com",
     "monitoring.googleapis.com",

@@ -24,7 +24,7 @@ output "tpu_service_account_email" {
 }
 
 output "orchestrator_service_account_email" {
-  description = "Service account that may create and delete TPU VMs running as the TPU runtime account (impersonate it to submit jobs: gcloud --impersonate-service-account)."
+  description = "Service account that the scheduled retraining runs as: it may create and delete TPU VMs running as the TPU runtime account and read the retraining status objects."
   value       = google_service_account.orchestrator.email
 }
 

@@ -121,6 +121,28 @@ variable "repository_id" {
   }
 }
 
+variable "image_keep_versions" {
+  description = "Artifact Registry cleanup: the newest versions of each image that are always kept."
+  type        = number
+  default     = 10
+
+  validation {
+    condition     = var.image_keep_versions >= 1
+    error_message = "image_keep_versions must be at least 1."
+  }
+}
+
+variable "image_retention_days" {
+  description = "Artifact Registry cleanup: older image versions beyond image_keep_versions are deleted after this many days."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.image_retention_days >= 1
+    error_message = "image_retention_days must be at least 1."
+  }
+}
+
 variable "image_name" {
   description = "Image name inside the repository (cloudbuild.yaml _IMAGE)."
   type        = string

@@ -430,8 +430,10 @@ class PipelineConfig:
 
     @property
     def demo_probing_uri(self) -> str:
-        """The demo's genre-labelled documents for sparse probing (not in the corpus)."""
-        return storage.join(self.workdir, "probing", "genres.jsonl")
+        """The demo's genre-labelled documents for sparse probing: kept with the corpus (a
+        retraining run carries them over with it) but below it, where tokenize's *.jsonl
+        does not look."""
+        return storage.join(self.demo_corpus_dir, "probing", "genres.jsonl")
 
     @property
     def probing_uri(self) -> str:

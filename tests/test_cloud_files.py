@@ -1422,3 +1422,20 @@ def test_hadolint_passes_at_warning_level() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_old_images_are_cleaned_up_and_every_image_is_scanned() -> None:
+    """Builds push multi-GB images: the repository keeps the newest versions of each, deletes
+    older ones after a retention and untagged leftovers after a day (not a dry run); the
+    Container Scanning API scans what is pushed."""
+    repository = _one("google_artifact_registry_repository")
+    assert repository["cleanup_policy_dry_run"] is False
+    policies = {p["id"]: p for p in repository["cleanup_policies"]}
+    keep = policies["keep-recent"]
+    assert keep["action"] == "KEEP"
+    assert _var_default(keep["most_recent_versions"][0]["keep_count"]) >= 5
+    deletes = [p for p in policies.values() if p["action"] == "DELETE"]
+    states = {p["condition"][0]["tag_state"] for p in deletes}
+    assert states == {"ANY", "UNTAGGED"}
+    assert all(p["condition"][0]["older_than"].endswith("s") for p in deletes)
+    assert "containerscanning.googleapis.com" in _locals()["apis"].replace('"', "")

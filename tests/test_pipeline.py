@@ -69,7 +69,7 @@ def test_the_report_probes_the_demo_genres_with_a_few_latents(local_run):
         for path in (local_run / "corpus").glob("*.jsonl")
         for line in path.read_text().splitlines()
     }
-    probing = (local_run / "probing" / "genres.jsonl").read_text().splitlines()
+    probing = (local_run / "corpus" / "probing" / "genres.jsonl").read_text().splitlines()
     assert not corpus & {json.loads(line)["text"] for line in probing}
 
 

@@ -165,7 +165,8 @@ def fake_tpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., FakeTpuA
 def _argv(workdir: str, *extra: str) -> list[str]:
     return [
         "--project", PROJECT, "--zone", ZONE, "--tpu-name", NAME, "--image", IMAGE,
-        "--workdir", workdir, "--stage", "train", "--poll-seconds", "0.02", *extra,
+        "--workdir", workdir, "--stage", "train", "--poll-seconds", "0.02",
+        "--service-account", SERVICE_ACCOUNT, *extra,
     ]  # fmt: skip
 
 
@@ -419,6 +420,19 @@ def test_bad_arguments_stop_before_any_request(
     assert "\n" not in str(raised.value)
 
 
+def test_submit_refuses_to_run_without_a_service_account(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without one the TPU VMs would run as the Compute Engine default account."""
+    monkeypatch.setenv(tpu_queue.ENDPOINT_ENV, "http://127.0.0.1:9")
+    argv = _argv("gs://bucket/run")
+    at = argv.index("--service-account")
+    with pytest.raises(SystemExit) as raised:
+        submit.main(argv[:at] + argv[at + 2 :])
+    assert raised.value.code == 2
+    assert "--service-account" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------
 # The startup script, run by bash with stub commands
 
@@ -524,6 +538,9 @@ def test_startup_script_runs_the_container_on_a_worker_and_reports_its_exit(
     assert run.startswith(
         f"docker run --name {startup_script.CONTAINER} --stop-timeout 25 --user 0:0 --privileged "
         "--net=host --ipc=host "
+        "--log-driver=gcplogs --log-opt labels=gemma_sae_workdir,gemma_sae_stage,gemma_sae_worker "
+        "--label gemma_sae_workdir=gs://bucket/run --label gemma_sae_stage=train "
+        "--label gemma_sae_worker=1 "
         "-e TPU_WORKER_ID=1 -e TPU_WORKER_HOSTNAMES=10.0.0.2,10.0.0.3 " + IMAGE
     )
     assert "--rm" not in run, "the container stays for `docker logs` after it exits"

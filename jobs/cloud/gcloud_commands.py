@@ -4,6 +4,7 @@ running a job by hand. Each is an argv list; `render` joins them with shell quot
 from __future__ import annotations
 
 import shlex
+import urllib.parse
 
 from jobs.cloud.startup_script import CONTAINER
 from jobs.cloud.tpu_queue import SCOPE, NodeRequest
@@ -104,12 +105,46 @@ def follow_logs(request: NodeRequest) -> list[str]:
     return ssh(request, f"sudo docker logs -f {CONTAINER}", worker="0")
 
 
+# What the startup script's docker logging writes (jobs/cloud/templates/tpu_startup.sh.tftpl).
+DOCKER_LOG = "gcplogs-docker-driver"
+
+
+def logs_filter(project: str, workdir: str, worker: str | None = None) -> str:
+    """The Cloud Logging filter for a job's container output: every worker, or one."""
+    labels = "jsonPayload.container.metadata"
+    parts = [f'logName="projects/{project}/logs/{DOCKER_LOG}"']
+    parts.append(f'{labels}.gemma_sae_workdir="{workdir}"')
+    if worker is not None:
+        parts.append(f'{labels}.gemma_sae_worker="{worker}"')
+    return " AND ".join(parts)
+
+
+def logs_explorer_url(project: str, workdir: str) -> str:
+    query = urllib.parse.quote(logs_filter(project, workdir), safe="")
+    return f"https://console.cloud.google.com/logs/query;query={query}?project={project}"
+
+
+def read_logs(project: str, workdir: str) -> list[str]:
+    """The job's recent container output from Cloud Logging, oldest first."""
+    return [
+        "gcloud",
+        "logging",
+        "read",
+        logs_filter(project, workdir),
+        f"--project={project}",
+        "--freshness=1d",
+        "--order=asc",
+        "--format=value(timestamp,jsonPayload.container.metadata.gemma_sae_worker,"
+        "jsonPayload.message,jsonPayload.data)",
+    ]
+
+
 def read_file(uri: str) -> list[str]:
     return ["gcloud", "storage", "cat", uri]
 
 
 def submission(
-    request: NodeRequest, script_path: str, worker_status: str, manifest: str
+    request: NodeRequest, script_path: str, worker_status: str, manifest: str, workdir: str
 ) -> list[tuple[str, list[str]]]:
     """A submission by hand, each command with what it is for."""
     return [
@@ -124,6 +159,7 @@ def submission(
         ),
         ("... and run it there as root", ssh(request, f"sudo bash {REMOTE_SCRIPT}")),
         ("the job's log on worker 0", follow_logs(request)),
+        ("every worker's log, from Cloud Logging", read_logs(request.project, workdir)),
         ("worker 0's exit code, once its job has ended", read_file(worker_status)),
         ("the outcome: the stage's manifest", read_file(manifest)),
         ("delete the TPU", delete(request)),

@@ -105,7 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image", required=True, help="the TPU image, REGION-docker.pkg.dev/PROJECT/REPO/NAME:TAG"
     )
-    parser.add_argument("--service-account", default="", help="the TPU VMs' service account")
+    parser.add_argument(
+        "--service-account",
+        required=True,
+        help="the TPU VMs' service account (required: without one they would run as the "
+        "Compute Engine default account, with whatever it may do in the project)",
+    )
     parser.add_argument("--network", default="", help="VPC network (default: default)")
     parser.add_argument("--subnetwork", default="")
     parser.add_argument(
@@ -141,13 +146,12 @@ def _validate(args: argparse.Namespace) -> None:
     _check(_ACCELERATOR, args.accelerator_type, "--accelerator-type", "v5litepod-8 (1/4/8/.../256)")
     _check(_RUNTIME, args.runtime_version, "--runtime-version", "v2-alpha-tpuv5-lite")
     _check(_IMAGE, args.image, "--image", "us-west4-docker.pkg.dev/my-project/gemma-sae/app:tag")
-    if args.service_account:
-        _check(
-            _SERVICE_ACCOUNT,
-            args.service_account,
-            "--service-account",
-            "sae-tpu@my-project.iam.gserviceaccount.com",
-        )
+    _check(
+        _SERVICE_ACCOUNT,
+        args.service_account,
+        "--service-account",
+        "sae-tpu@my-project.iam.gserviceaccount.com",
+    )
     if args.reservation is not None:
         _check(_TPU_NAME, args.reservation, "--reservation", "my-reservation")
     if not storage.is_gcs(args.workdir) or len(args.workdir.rstrip("/")) <= len("gs://"):
@@ -229,6 +233,7 @@ def _print_commands(job: Job, script_out: str | None) -> None:
         str(path),
         worker_status=storage.join(job.status_uri(attempt_id), "worker-0.json"),
         manifest=storage.join(job.output_uri, "manifest.json"),
+        workdir=job.workdir,
     )
     sys.stdout.write(gcloud_commands.render(commands))
 
@@ -316,6 +321,13 @@ def _submit(queue: TpuQueue, job: Job, args: argparse.Namespace) -> None:
     watch = JobWatch(job.output_uri, job.manifest_stage)
     clock = _Clock(args.timeout_minutes)
     attempts = args.retries + 1
+    project = job.request.project
+    log(
+        "submit",
+        "every worker's output, live in Cloud Logging (all attempts): "
+        + gcloud_commands.logs_filter(project, job.workdir)
+        + f" ({gcloud_commands.logs_explorer_url(project, job.workdir)})",
+    )
     for attempt in range(1, attempts + 1):
         attempt_id = _attempt_id(attempt)
         request = job.attempt(attempt_id)

@@ -10,6 +10,11 @@ import sys
 from typing import Any
 
 
+def _maybe(value: float | None, spec: str) -> str:
+    """A table cell: the number formatted, or empty when it was not measured."""
+    return "" if value is None else format(value, spec)
+
+
 def _train_step(result: dict[str, Any]) -> list[str]:
     ref = result["reference"]
     lines = [
@@ -20,13 +25,12 @@ def _train_step(result: dict[str, Any]) -> list[str]:
         f"| reference (5 matmuls) | {ref['seconds_per_step']:.4f} | "
         f"{ref['tokens_per_second']:,.0f} | 1.00 | | |",
     ]
-    for entry in result["results"]:
-        mfu = entry.get("mfu_at_10Bdm")
-        lines.append(
-            f"| {entry['architecture']} | {entry['seconds_per_step']:.4f} | "
-            f"{entry['tokens_per_second']:,.0f} | {entry['vs_reference']:.2f} | "
-            f"{'' if mfu is None else f'{mfu:.2f}'} | {'yes' if entry.get('auxk_ran') else ''} |"
-        )
+    lines += [
+        f"| {entry['architecture']} | {entry['seconds_per_step']:.4f} | "
+        f"{entry['tokens_per_second']:,.0f} | {entry['vs_reference']:.2f} | "
+        f"{_maybe(entry.get('mfu_at_10Bdm'), '.2f')} | {'yes' if entry.get('auxk_ran') else ''} |"
+        for entry in result["results"]
+    ]
     return lines
 
 
@@ -37,14 +41,12 @@ def _extract(result: dict[str, Any]) -> list[str]:
         "| phase | tokens/s | vs forward | vs extract | data wait |",
         "|---|---|---|---|---|",
     ]
-    for phase, entry in result["results"].items():
-        vs_forward = entry.get("vs_forward", 1.0)
-        vs_extract, wait = entry.get("vs_extract"), entry.get("data_wait_fraction")
-        lines.append(
-            f"| {phase} | {entry['tokens_per_second']:,.0f} | {vs_forward:.2f} | "
-            f"{'' if vs_extract is None else f'{vs_extract:.2f}'} | "
-            f"{'' if wait is None else f'{wait:.2f}'} |"
-        )
+    lines += [
+        f"| {phase} | {entry['tokens_per_second']:,.0f} | {entry.get('vs_forward', 1.0):.2f} | "
+        f"{_maybe(entry.get('vs_extract'), '.2f')} | "
+        f"{_maybe(entry.get('data_wait_fraction'), '.2f')} |"
+        for phase, entry in result["results"].items()
+    ]
     return lines
 
 
@@ -57,11 +59,11 @@ def _batch_cutoff(result: dict[str, Any]) -> list[str]:
         "| method (digit bits:count) | passes | seconds | vs one pass |",
         "|---|---|---|---|",
     ]
-    for entry in result["results"]:
-        lines.append(
-            f"| {entry['method']} | {entry['passes']} | {entry['seconds']:.5f} | "
-            f"{entry['vs_one_pass']:.3f} |"
-        )
+    lines += [
+        f"| {entry['method']} | {entry['passes']} | {entry['seconds']:.5f} | "
+        f"{entry['vs_one_pass']:.3f} |"
+        for entry in result["results"]
+    ]
     return lines
 
 

@@ -323,6 +323,35 @@ class ProbingConfig:
 
 
 @dataclass
+class ConceptConfig:
+    """A token-level concept: a name and its words (report.absorption.concepts)."""
+
+    name: str = ""
+    words: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AbsorptionConfig:
+    """Feature absorption and splitting on token-level concepts (sae.analysis.absorption)."""
+
+    # Empty: the demo's concepts (weekdays, colours, number words, names) when demo.enabled,
+    # else none (the evaluation is skipped).
+    concepts: list[ConceptConfig] = field(default_factory=list)
+    # Held-out sequences read for it.
+    sequences: int = 256
+    # A latent is precise for a concept when at least this share of its firings are on it.
+    precise: float = 0.9
+
+    def validate(self) -> None:
+        _non_negative(self, "sequences")
+        if not 0 < self.precise <= 1:
+            raise ConfigError("report.absorption.precise must be in (0, 1]")
+        for concept in self.concepts:
+            if not concept.name or not concept.words:
+                raise ConfigError("report.absorption.concepts: each needs a name and words")
+
+
+@dataclass
 class ReportConfig:
     """Evaluation on the held-out split, feature pages and steering vectors."""
 
@@ -359,9 +388,11 @@ class ReportConfig:
     steering_eval_sequences: int = 16
     steering_eval_max_ce_increase: float = 0.5
     probing: ProbingConfig = field(default_factory=ProbingConfig)
+    absorption: AbsorptionConfig = field(default_factory=AbsorptionConfig)
 
     def validate(self) -> None:
         self.probing.validate()
+        self.absorption.validate()
         _positive(self, "eval_tokens", "top_contexts")
         _non_negative(self, "context_window", "max_features", "num_steering", "spliced_sequences")
         _non_negative(self, "mean_ablation_tokens", "curve_sequences", "steering_eval_features")
@@ -434,6 +465,21 @@ class PipelineConfig:
         retraining run carries them over with it) but below it, where tokenize's *.jsonl
         does not look."""
         return storage.join(self.demo_corpus_dir, "probing", "genres.jsonl")
+
+    @property
+    def absorption_concepts(self) -> dict[str, list[str]]:
+        """report.absorption.concepts, or the demo's when demo.enabled; empty: none."""
+        configured = {c.name: list(c.words) for c in self.report.absorption.concepts}
+        if configured or not self.demo.enabled:
+            return configured
+        from sae.demo import corpus
+
+        return {
+            "weekday": list(corpus.WEEKDAYS),
+            "colour": list(corpus.COLORS),
+            "number": list(corpus.NUMBER_WORDS),
+            "name": list(corpus.NAMES),
+        }
 
     @property
     def probing_uri(self) -> str:

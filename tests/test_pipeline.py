@@ -73,6 +73,32 @@ def test_the_report_probes_the_demo_genres_with_a_few_latents(local_run):
     assert not corpus & {json.loads(line)["text"] for line in probing}
 
 
+def test_the_report_measures_absorption_on_the_demo_concepts(local_run):
+    """Weekdays, colours, number words and names labelled on held-out tokens: every SAE gets
+    its best latent per concept, and a number latent far above what a random one reaches."""
+    found = json.loads((local_run / "report" / "absorption.json").read_text())
+    assert set(found["concepts"]) == {"weekday", "colour", "number", "name"}
+    assert found["split"].startswith("eval") and found["tokens"] > 5000
+    summary = json.loads((local_run / "report" / "metrics.json").read_text())["saes"]
+    for name in SMALL_SAES:
+        per_concept = found["saes"][name]
+        assert set(per_concept) == set(found["concepts"])  # each occurs in the held-out text
+        for concept, result in per_concept.items():
+            assert sum(result["words"].values()) == result["tokens"] > 0
+            assert set(result["words"]) <= set(found["concepts"][concept])
+            best = result["best_latent"]
+            p, r = best["precision"], best["recall"]
+            assert best["f1"] == pytest.approx(2 * p * r / (p + r))
+            assert 0 <= result["absorption_fraction"] <= 1
+        assert summary[name]["concept_best_latent_f1"] == pytest.approx(
+            np.mean([r["best_latent"]["f1"] for r in per_concept.values()])
+        )
+    # A random latent's F1 on number words is at most about twice their share of the tokens.
+    numbers = found["saes"]["topk-L1-x4-k16"]["number"]
+    share = numbers["tokens"] / found["tokens"]
+    assert numbers["best_latent"]["f1"] > 5 * 2 * share
+
+
 def test_snapshots_give_a_held_out_curve_over_training_tokens(local_run):
     """train.n_checkpoints=1 of 60 steps of 256: one snapshot at step 30, in SAELens' format;
     the report judges it and the final SAE on the same tokens and sequences."""

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from sae import sharding
 from sae.analysis import (
+    absorption,
     evaluation,
     feature_report,
     features,
@@ -149,13 +150,19 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
     results, snapshot_results = results[: len(entries)], results[len(entries) :]
     held_out = [dict(result.metrics) for result in results + snapshot_results]
     processor = spm.SentencePieceProcessor(model_proto=presets.tokenizer_proto(preset))
-    probing_files = []
+    analysis_files = []
     if config.probing_uri:
         reads = {name: sites.index(pair[0]) for name, pair in zip(saes, read, strict=False)}
         uri, added = _sparse_probing(config, tap, saes, reads, processor, tokens_manifest)
         for name, result in zip(saes, results, strict=True):
             result.metrics.update(added[name])
-        probing_files = [uri]
+        analysis_files = [uri]
+    if config.absorption_concepts and cfg.absorption.sequences:
+        reads = {name: sites.index(pair[0]) for name, pair in zip(saes, read, strict=False)}
+        uri, added = _concept_absorption(config, tap, saes, reads, processor, eval_shards, bos_id)
+        for name, result in zip(saes, results, strict=True):
+            result.metrics.update(added[name])
+        analysis_files.append(uri)
     means = {}
     if cfg.spliced_sequences and cfg.mean_ablation_tokens:
         train_shards = tokens_manifest["shards"]["train"]
@@ -234,7 +241,7 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
         report_html.render_overview("SAE run", overview, curve=bool(curve_files)),
     )
     counts = {f"{name}/{k}": v for name, m in all_metrics.items() for k, v in m.items()}
-    outputs = files + curve_files + probing_files + list(summary_files.values())
+    outputs = files + curve_files + analysis_files + list(summary_files.values())
     return StageOutput(counts, outputs)
 
 
@@ -281,6 +288,45 @@ def _sparse_probing(
             "documents, held-out accuracy): "
             + ", ".join(f"top {k} {v:.3f}" for k, v in accuracies.items())
             + f"; raw activations, all dimensions {raw['llm_test_accuracy']:.3f}",
+        )
+    return uri, added
+
+
+def _concept_absorption(
+    config: PipelineConfig,
+    tap: lm.ActivationTap,
+    saes: dict[str, tuple],
+    reads: dict[str, int],
+    processor: spm.SentencePieceProcessor,
+    eval_shards: list[str],
+    bos_id: int,
+) -> tuple[str, dict[str, dict[str, float]]]:
+    """report/absorption.json (sae.analysis.absorption): its URI and each SAE's means over
+    the concepts."""
+    cfg = config.report.absorption
+    found = absorption.concept_absorption(
+        tap,
+        {name: (sae, params, reads[name]) for name, (sae, params, _) in saes.items()},
+        itertools.islice(iter_sequences(eval_shards), cfg.sequences),
+        processor.id_to_piece,
+        config.absorption_concepts,
+        bos_id=bos_id,
+        lm_batch_size=config.train.lm_batch_size,
+        precise=cfg.precise,
+    )
+    uri = storage.join(config.report_uri, "absorption.json")
+    storage.write_json(uri, {"split": "eval (held out by tokenize; never trained on)", **found})
+    added = {name: absorption.headline(per_concept) for name, per_concept in found["saes"].items()}
+    for name, per_concept in found["saes"].items():
+        log(
+            "report",
+            f"{name} concepts ({found['tokens']} held-out tokens): "
+            + "; ".join(
+                f"{concept}: best latent {r['best_latent']['latent']} F1 "
+                f"{r['best_latent']['f1']:.2f}, {len(r['split_latents'])} split, absorbed "
+                f"{r['absorption_fraction']:.2f}"
+                for concept, r in per_concept.items()
+            ),
         )
     return uri, added
 

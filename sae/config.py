@@ -358,6 +358,10 @@ class ReportConfig:
     eval_tokens: int = 50_000
     top_contexts: int = 8
     context_window: int = 10
+    # Give every context token in features.json the feature's activation there (a second
+    # model pass over the held-out sequences the shown contexts come from); else only the
+    # firing token's.
+    context_values: bool = True
     # Features listed in the HTML report (most frequently active first); 0 lists every live one.
     max_features: int = 300
     # Features to export steering vectors for; empty picks the `num_steering` most active

@@ -73,6 +73,27 @@ def test_the_report_probes_the_demo_genres_with_a_few_latents(local_run):
     assert not corpus & {json.loads(line)["text"] for line in probing}
 
 
+@pytest.mark.parametrize("name", SMALL_SAES)
+def test_every_context_token_has_the_features_activation(local_run, name):
+    """report.context_values: the contexts' sequences run again; each token gets the feature's
+    activation, and at the firing token it is the activation the evaluation recorded."""
+    report = json.loads((local_run / "report" / name / "features.json").read_text())
+    checked = 0
+    for feature in report["features"]:
+        samples = [s for band in feature["quantiles"] for s in band["samples"]]
+        for context in feature["contexts"] + samples:
+            values = context["values"]
+            assert len(values) == len(context["tokens"]) and min(values) >= 0
+            # Rounded to 5 decimals, as SAEDashboard writes them.
+            assert values[context["highlight"]] == pytest.approx(
+                context["activation"], rel=2e-3, abs=1e-5
+            )
+            bos = [v for t, v in zip(context["tokens"], values, strict=True) if t == "<bos>"]
+            assert bos == [0.0] * len(bos)  # BOS is never evaluated
+            checked += 1
+    assert checked > 200
+
+
 def test_the_report_measures_absorption_on_the_demo_concepts(local_run):
     """Weekdays, colours, number words and names labelled on held-out tokens: every SAE gets
     its best latent per concept, and a number latent far above what a random one reaches."""

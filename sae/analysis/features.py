@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -15,6 +16,10 @@ from sae.analysis.evaluation import EvalResult
 
 QUANTILE_BANDS = 4
 SAMPLES_PER_BAND = 4
+
+
+# (feature, sequence, start, stop) -> the feature's activations at those positions.
+ContextValues = Callable[[int, int, int, int], list[float]]
 
 
 class Pieces(Protocol):
@@ -29,19 +34,30 @@ def piece_text(processor: Pieces, token_id: int) -> str:
 
 
 def _context(
-    result: EvalResult, processor: Pieces, window: int, value: float, sequence: int, position: int
+    result: EvalResult,
+    processor: Pieces,
+    window: int,
+    value: float,
+    sequence: int,
+    position: int,
+    values: ContextValues | None = None,
+    feature: int = 0,
 ) -> dict[str, Any]:
-    """The tokens around one firing, with the firing token's index among them."""
+    """The tokens around one firing, with the firing token's index among them (and, given
+    `values`, the feature's activation at every one of them)."""
     ids = result.sequences[sequence]
     start = max(0, position - window)
     stop = min(len(ids), position + window + 1)
-    return {
+    context = {
         "activation": float(value),
         "sequence": sequence,
         "position": position,
         "tokens": [piece_text(processor, t) for t in ids[start:stop]],
         "highlight": position - start,
     }
+    if values is not None:
+        context["values"] = values(feature, sequence, start, stop)
+    return context
 
 
 def _effects(processor: Pieces, pairs: list[tuple[int, float]]) -> list[dict[str, Any]]:
@@ -57,17 +73,18 @@ def feature_summaries(
     window: int,
     features: list[int],
     logit_effects: list[dict[str, list[tuple[int, float]]]] | None = None,
+    values: ContextValues | None = None,
 ) -> list[dict[str, Any]]:
     """One summary per feature in `features`; `logit_effects` (from
     `sae.analysis.logit_effects.top_logit_effects`, same order) adds the tokens each one
-    promotes."""
+    promotes, `values` every context's per-token activations."""
     tokens = int(result.metrics["eval_tokens"])
     stats = result.feature_stats
     summaries = []
     for n, index in enumerate(features):
         fires = int(result.fire_counts[index])
         contexts = [
-            _context(result, processor, window, value, int(sequence), int(position))
+            _context(result, processor, window, value, int(sequence), int(position), values, index)
             for value, (sequence, position) in zip(
                 result.top_values[index], result.top_refs[index], strict=True
             )
@@ -87,7 +104,7 @@ def feature_summaries(
             "contexts": contexts,
         }
         if stats is not None:
-            summary.update(_distribution(result, processor, window, index, max_activation))
+            summary.update(_distribution(result, processor, window, index, max_activation, values))
         if logit_effects is not None:
             effects = logit_effects[n]
             summary["logit_effects"] = {
@@ -98,7 +115,12 @@ def feature_summaries(
 
 
 def _distribution(
-    result: EvalResult, processor: Pieces, window: int, index: int, max_activation: float
+    result: EvalResult,
+    processor: Pieces,
+    window: int,
+    index: int,
+    max_activation: float,
+    values: ContextValues | None = None,
 ) -> dict[str, Any]:
     """Minimum activation, histogram and quantile bands with their sampled contexts."""
     stats = result.feature_stats
@@ -108,7 +130,7 @@ def _distribution(
     bands = feature_stats.quantile_bands(histogram, stats.samples_of(index), QUANTILE_BANDS)
     for band in bands:
         band["samples"] = [
-            _context(result, processor, window, value, sequence, position)
+            _context(result, processor, window, value, sequence, position, values, index)
             # A random few of the band's samples, shown strongest first.
             for value, sequence, position in sorted(
                 band["samples"][:SAMPLES_PER_BAND], key=lambda sample: -sample[0]

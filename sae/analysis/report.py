@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from sae import sharding
 from sae.analysis import (
     absorption,
+    context_values,
     evaluation,
     feature_report,
     features,
@@ -163,6 +164,21 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
         for name, result in zip(saes, results, strict=True):
             result.metrics.update(added[name])
         analysis_files.append(uri)
+    values: list[context_values.ContextValues | None] = [None] * len(saes)
+    if cfg.context_values:
+        entries_shown = [
+            (
+                sae,
+                params,
+                sites.index(pair[0]),
+                features.most_active(result, cfg.max_features),
+                result,
+            )
+            for (sae, params, _), pair, result in zip(saes.values(), read, results, strict=False)
+        ]
+        values = list(
+            context_values.context_values(tap, entries_shown, bos_id, config.train.lm_batch_size)
+        )
     means = {}
     if cfg.spliced_sequences and cfg.mean_ablation_tokens:
         train_shards = tokens_manifest["shards"]["train"]
@@ -206,14 +222,16 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
     files: list[str] = []
     overview: list[dict] = []
     all_metrics: dict[str, dict] = {}
-    for (name, (sae, params, sae_cfg)), result in zip(saes.items(), results, strict=True):
+    for (name, (sae, params, sae_cfg)), result, shown_values in zip(
+        saes.items(), results, values, strict=True
+    ):
         log(
             "report",
             f"{name} held-out: "
             + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)),
         )
         files += _report_one(
-            config, name, sae, params, sae_cfg, result, processor, w_u, training_log
+            config, name, sae, params, sae_cfg, result, processor, w_u, training_log, shown_values
         )
         if cfg.steering_eval_features and not saelens.is_transcoder(sae_cfg["architecture"]):
             files += _evaluate_steering(
@@ -501,6 +519,7 @@ def _report_one(
     processor: spm.SentencePieceProcessor,
     w_u: np.ndarray,
     training_log: list[dict],
+    values: context_values.ContextValues | None = None,
 ) -> list[str]:
     """metrics.json, the feature report (features.json, dashboard, plots: see
     sae.analysis.feature_report) and steering vectors of one SAE."""
@@ -510,7 +529,9 @@ def _report_one(
     metrics = {"split": "eval (held out by tokenize; never trained on)", **result.metrics}
     shown = features.most_active(result, cfg.max_features)
     effects = logit_effects.top_logit_effects(params["W_dec"], w_u, shown, LOGIT_EFFECTS_TOP)
-    summaries = features.feature_summaries(result, processor, cfg.context_window, shown, effects)
+    summaries = features.feature_summaries(
+        result, processor, cfg.context_window, shown, effects, values
+    )
     sae_dir = storage.join(config.sae_uri, name)
     run_info = {
         "model": preset,

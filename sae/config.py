@@ -471,19 +471,9 @@ class PipelineConfig:
         return storage.join(self.demo_corpus_dir, "probing", "genres.jsonl")
 
     @property
-    def absorption_concepts(self) -> dict[str, list[str]]:
-        """report.absorption.concepts, or the demo's when demo.enabled; empty: none."""
-        configured = {c.name: list(c.words) for c in self.report.absorption.concepts}
-        if configured or not self.demo.enabled:
-            return configured
-        from sae.demo import corpus
-
-        return {
-            "weekday": list(corpus.WEEKDAYS),
-            "colour": list(corpus.COLORS),
-            "number": list(corpus.NUMBER_WORDS),
-            "name": list(corpus.NAMES),
-        }
+    def demo_concepts_uri(self) -> str:
+        """The demo's token-level concepts (word lists) for the absorption evaluation."""
+        return storage.join(self.demo_corpus_dir, "probing", "concepts.json")
 
     @property
     def probing_uri(self) -> str:

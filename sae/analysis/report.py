@@ -65,6 +65,14 @@ def report(config: PipelineConfig, force: bool = False) -> bool:
         if not storage.exists(config.probing_uri):
             raise InputError(f"report.probing.data: no file at {config.probing_uri}")
         inputs["probing"] = storage.fingerprint(config.probing_uri)
+    absorption_cfg = config.report.absorption
+    if config.demo.enabled and not absorption_cfg.concepts and absorption_cfg.sequences:
+        if not storage.exists(config.demo_concepts_uri):
+            raise InputError(
+                f"no demo concepts at {config.demo_concepts_uri}: re-run the demo stage "
+                "(or name report.absorption.concepts, or set report.absorption.sequences=0)"
+            )
+        inputs["concepts"] = storage.fingerprint(config.demo_concepts_uri)
 
     def body() -> StageOutput:
         return _report(config, tokens_manifest, eval_shards)
@@ -158,9 +166,12 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
         for name, result in zip(saes, results, strict=True):
             result.metrics.update(added[name])
         analysis_files = [uri]
-    if config.absorption_concepts and cfg.absorption.sequences:
+    concepts = _concepts(config)
+    if concepts and cfg.absorption.sequences:
         reads = {name: sites.index(pair[0]) for name, pair in zip(saes, read, strict=False)}
-        uri, added = _concept_absorption(config, tap, saes, reads, processor, eval_shards, bos_id)
+        uri, added = _concept_absorption(
+            config, concepts, tap, saes, reads, processor, eval_shards, bos_id
+        )
         for name, result in zip(saes, results, strict=True):
             result.metrics.update(added[name])
         analysis_files.append(uri)
@@ -310,8 +321,18 @@ def _sparse_probing(
     return uri, added
 
 
+def _concepts(config: PipelineConfig) -> dict[str, list[str]]:
+    """report.absorption.concepts, or the demo's word lists (written by the demo stage) when
+    demo.enabled and none are named; empty: no absorption evaluation."""
+    named = {c.name: list(c.words) for c in config.report.absorption.concepts}
+    if named or not config.demo.enabled:
+        return named
+    return storage.read_json(config.demo_concepts_uri)
+
+
 def _concept_absorption(
     config: PipelineConfig,
+    concepts: dict[str, list[str]],
     tap: lm.ActivationTap,
     saes: dict[str, tuple],
     reads: dict[str, int],
@@ -327,7 +348,7 @@ def _concept_absorption(
         {name: (sae, params, reads[name]) for name, (sae, params, _) in saes.items()},
         itertools.islice(iter_sequences(eval_shards), cfg.sequences),
         processor.id_to_piece,
-        config.absorption_concepts,
+        concepts,
         bos_id=bos_id,
         lm_batch_size=config.train.lm_batch_size,
         precise=cfg.precise,

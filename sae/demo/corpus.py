@@ -408,6 +408,16 @@ def generate_labelled(num_documents: int, seed: int = 0) -> Iterator[tuple[str, 
         yield GENERATORS[genre](random.Random(rng.getrandbits(64))), genre
 
 
+def concepts() -> dict[str, list[str]]:
+    """Token-level concepts the corpus uses, for the absorption evaluation: word lists."""
+    return {
+        "weekday": list(WEEKDAYS),
+        "colour": list(COLORS),
+        "number": list(NUMBER_WORDS),
+        "name": list(NAMES),
+    }
+
+
 def write_labelled_documents(
     uri: str, num_documents: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()
 ) -> int:

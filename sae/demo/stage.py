@@ -6,10 +6,15 @@ from __future__ import annotations
 import dataclasses
 
 from sae.config import PipelineConfig
-from sae.demo.corpus import generate_documents, write_demo_corpus, write_labelled_documents
+from sae.demo.corpus import (
+    concepts,
+    generate_documents,
+    write_demo_corpus,
+    write_labelled_documents,
+)
 from sae.demo.tiny_model import TinyModelSpec, make_tiny_preset
 from sae.errors import ConfigError
-from sae.io import manifest
+from sae.io import manifest, storage
 from sae.io.stages import StageOutput, run_stage
 from sae.progress import log
 
@@ -48,8 +53,11 @@ def demo(config: PipelineConfig, force: bool = False) -> bool:
         labelled = write_labelled_documents(
             config.demo_probing_uri, probing_documents, cfg.seed + 1, corpus
         )
+        # Its word lists, for the report's absorption evaluation.
+        storage.write_json(config.demo_concepts_uri, concepts())
         counts = {"documents": cfg.num_documents, "files": len(uris), "probing": labelled}
-        return StageOutput(counts, [*uris, config.demo_probing_uri])
+        labels = [config.demo_probing_uri, config.demo_concepts_uri]
+        return StageOutput(counts, [*uris, *labels])
 
     wrote_corpus = run_stage(
         "demo-corpus", config.demo_corpus_dir, corpus_config, {}, write_corpus, force

@@ -23,6 +23,7 @@ STAGES = ("demo", "tokenize", "extract", "train", "report", "pipeline")
 TOOLS = {
     "steer": "jobs.steer",
     "import-gemma-scope": "jobs.import_sae",
+    "export-neuronpedia": "jobs.export_neuronpedia",
     "submit": "jobs.cloud.submit",
     "retrain": "jobs.cloud.retrain",
 }

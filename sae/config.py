@@ -306,6 +306,7 @@ class ProbingConfig:
     data: str = ""
     text_field: str = "text"
     label_field: str = "label"
+    # 0 switches sparse probing off.
     max_documents: int = 1000
     k_values: list[int] = field(default_factory=lambda: [1, 2, 5, 20])
     # Documents held out from fitting each probe, on which its accuracy is reported.
@@ -315,7 +316,8 @@ class ProbingConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        _positive(self, "max_documents", "min_class_documents")
+        _non_negative(self, "max_documents")
+        _positive(self, "min_class_documents")
         if not self.k_values or any(k < 1 for k in self.k_values):
             raise ConfigError("report.probing.k_values must be positive latent counts")
         if not 0 < self.test_fraction < 1:
@@ -464,20 +466,27 @@ class PipelineConfig:
         return storage.join(self.workdir, "corpus")
 
     @property
+    def demo_labels_dir(self) -> str:
+        """The demo's labels for the report (its own stage output, beside the corpus: inside
+        it, a tokenize.input naming the corpus folder would read them as text)."""
+        return storage.join(self.workdir, "labels")
+
+    @property
     def demo_probing_uri(self) -> str:
-        """The demo's genre-labelled documents for sparse probing: kept with the corpus (a
-        retraining run carries them over with it) but below it, where tokenize's *.jsonl
-        does not look."""
-        return storage.join(self.demo_corpus_dir, "probing", "genres.jsonl")
+        """The demo's genre-labelled documents for sparse probing."""
+        return storage.join(self.demo_labels_dir, "genres.jsonl")
 
     @property
     def demo_concepts_uri(self) -> str:
         """The demo's token-level concepts (word lists) for the absorption evaluation."""
-        return storage.join(self.demo_corpus_dir, "probing", "concepts.json")
+        return storage.join(self.demo_labels_dir, "concepts.json")
 
     @property
     def probing_uri(self) -> str:
-        """report.probing.data, or the demo's labelled documents; empty: no probing."""
+        """report.probing.data, or the demo's labelled documents; empty: no probing (also
+        with report.probing.max_documents 0)."""
+        if not self.report.probing.max_documents:
+            return ""
         data = self.report.probing.data
         return data or (self.demo_probing_uri if self.demo.enabled else "")
 

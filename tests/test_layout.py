@@ -39,6 +39,7 @@ JOB_STAGE_MODULES = (
     "report.py",
     "steer.py",
     "import_sae.py",
+    "export_neuronpedia.py",
 )
 MAX_JOB_LINES = 120
 # An __init__.py docstring of a folder of sae/: one short paragraph.

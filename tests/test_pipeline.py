@@ -18,7 +18,7 @@ from .conftest import SMALL, SMALL_SAES, reuse_run
 
 pytestmark = pytest.mark.slow
 
-STAGE_DIRS = ("corpus", "model", "tokens", "sae", "report")
+STAGE_DIRS = ("corpus", "labels", "model", "tokens", "sae", "report")
 
 
 def _manifest_times(workdir: Path) -> dict[str, float]:
@@ -50,7 +50,7 @@ def test_the_report_probes_the_demo_genres_with_a_few_latents(local_run):
     """The demo's genre-labelled documents (none from the corpus), one balanced task per
     genre: the raw activations and a handful of latents tell genres apart far above chance."""
     found = json.loads((local_run / "report" / "probing.json").read_text())
-    assert found["data"].endswith("probing/genres.jsonl")
+    assert found["data"].endswith("labels/genres.jsonl")
     assert len(found["tasks"]) == 7 and found["chance"] == 0.5
     assert found["documents"] == 350 and found["dropped_empty_documents"] == 0
     for task in found["tasks"]:
@@ -69,7 +69,7 @@ def test_the_report_probes_the_demo_genres_with_a_few_latents(local_run):
         for path in (local_run / "corpus").glob("*.jsonl")
         for line in path.read_text().splitlines()
     }
-    probing = (local_run / "corpus" / "probing" / "genres.jsonl").read_text().splitlines()
+    probing = (local_run / "labels" / "genres.jsonl").read_text().splitlines()
     assert not corpus & {json.loads(line)["text"] for line in probing}
 
 

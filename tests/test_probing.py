@@ -74,3 +74,15 @@ def test_the_probe_finds_the_one_informative_latent_and_stays_near_chance_withou
     chance = probing.probe_accuracies(noise, [task], [1, 5])["yes"]
     assert max(chance.values()) < 0.7
     assert probing.full_probe_accuracies(features, [task])["yes"] > 0.85
+
+
+def test_probing_follows_the_demo_unless_switched_off_or_named():
+    from sae import config
+
+    demo = config.load(None, ["workdir=/w"])
+    assert demo.probing_uri == "/w/labels/genres.jsonl"
+    assert config.load(None, ["workdir=/w", "report.probing.max_documents=0"]).probing_uri == ""
+    named = config.load(None, ["workdir=/w", "report.probing.data=/d/labels.parquet"])
+    assert named.probing_uri == "/d/labels.parquet"
+    with pytest.raises(config.ConfigError, match="report.probing.test_fraction"):
+        config.load(None, ["report.probing.test_fraction=1.5"])

@@ -296,7 +296,14 @@ def _steps(config: PipelineConfig) -> list[Step]:
     """The stages of `pipeline`, in its order."""
     steps = []
     if config.demo.enabled:
-        steps.append(Step("demo", demo.run, lambda c: [c.demo_corpus_dir, c.preset_uri], True))
+        steps.append(
+            Step(
+                "demo",
+                demo.run,
+                lambda c: [c.demo_corpus_dir, c.demo_labels_dir, c.preset_uri],
+                True,
+            )
+        )
     # Copying the tokens is worth it only while the corpus and tokenizer are the same.
     steps.append(Step("tokenize", tokenize.run, lambda c: [c.tokens_uri], True, external=True))
     if config.train.source == "store":

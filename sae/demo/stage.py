@@ -43,24 +43,35 @@ def demo(config: PipelineConfig, force: bool = False) -> bool:
     if not cfg.enabled:
         raise ConfigError("the demo stage needs demo.enabled: true")
     corpus_config = {k: getattr(cfg, k) for k in ("num_documents", "num_files", "seed")}
-    probing_documents = config.report.probing.max_documents
-    corpus_config["probing_documents"] = probing_documents
 
     def write_corpus() -> StageOutput:
         uris = write_demo_corpus(config.demo_corpus_dir, cfg.num_documents, cfg.num_files, cfg.seed)
-        # Genre-labelled documents for the report's sparse probing, none from the corpus.
+        return StageOutput({"documents": cfg.num_documents, "files": len(uris)}, uris)
+
+    wrote_corpus = run_stage(
+        "demo-corpus", config.demo_corpus_dir, corpus_config, {}, write_corpus, force
+    )
+    probing_documents = config.report.probing.max_documents
+    labels_config = {"probing_documents": probing_documents, "seed": cfg.seed}
+
+    def write_labels() -> StageOutput:
+        # Genre-labelled documents for sparse probing, none of them in the corpus, and the
+        # corpus's word lists as token-level concepts for the absorption evaluation.
         corpus = set(generate_documents(cfg.num_documents, cfg.seed))
         labelled = write_labelled_documents(
             config.demo_probing_uri, probing_documents, cfg.seed + 1, corpus
         )
-        # Its word lists, for the report's absorption evaluation.
         storage.write_json(config.demo_concepts_uri, concepts())
-        counts = {"documents": cfg.num_documents, "files": len(uris), "probing": labelled}
-        labels = [config.demo_probing_uri, config.demo_concepts_uri]
-        return StageOutput(counts, [*uris, *labels])
+        outputs = [config.demo_probing_uri, config.demo_concepts_uri]
+        return StageOutput({"probing_documents": labelled}, outputs)
 
-    wrote_corpus = run_stage(
-        "demo-corpus", config.demo_corpus_dir, corpus_config, {}, write_corpus, force
+    wrote_labels = run_stage(
+        "demo-labels",
+        config.demo_labels_dir,
+        labels_config,
+        {"corpus": manifest.fingerprint(config.demo_corpus_dir)},
+        write_labels,
+        force,
     )
     spec = tiny_model_spec(config)
     inputs = {"corpus": manifest.fingerprint(config.demo_corpus_dir)}
@@ -79,4 +90,4 @@ def demo(config: PipelineConfig, force: bool = False) -> bool:
     trained = run_stage(
         "demo-model", config.preset_uri, dataclasses.asdict(spec), inputs, train_model, force
     )
-    return wrote_corpus or trained
+    return wrote_corpus or wrote_labels or trained

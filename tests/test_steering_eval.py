@@ -180,7 +180,8 @@ def test_evaluate_bad_flags_are_one_line(setup, local_run, tmp_path, capsys, ext
 
 def test_the_report_evaluates_its_first_steering_vectors(local_run, tmp_path):
     """report.steering_eval_features=1: evaluation.json and .png beside each residual SAE's
-    steering vectors, for its first vector, at the scaled suggested strengths."""
+    steering vectors, for its first vector, at the scaled suggested strengths; the SAE's page
+    shows the plot."""
     from sae.io import storage
 
     from .conftest import reuse_run
@@ -197,6 +198,9 @@ def test_the_report_evaluates_its_first_steering_vectors(local_run, tmp_path):
         saved = json.loads((steering_dir / "evaluation.json").read_text())
         vectors = json.loads((steering_dir / "vectors.json").read_text())["vectors"]
         assert (steering_dir / "evaluation.png").read_bytes()[:4] == b"\x89PNG"
+        # The SAE's dashboard shows the plot.
+        page = (tmp_path / "report" / name / "index.html").read_text()
+        assert 'src="steering/evaluation.png"' in page
         if not vectors:  # every live latent of the tiny ReLU SAE is dense: none to steer with
             assert name == "relu-L1-x4-c2" and saved["features"] == []
             continue

@@ -69,9 +69,11 @@ def write(
     result: EvalResult,
     summaries: list[dict[str, Any]],
     training_log: list[dict[str, float]],
+    plots_shown: dict[str, str] | None = None,
 ) -> list[str]:
     """Write features.json, density.png, training.png (when the log has this SAE's curves),
-    index.html and features/<index>.html under `output`; returns what was written."""
+    index.html and features/<index>.html under `output`; returns what was written.
+    `plots_shown` ({caption: path under `output`}) are plots written already, shown too."""
     written: dict[str, bytes] = {}
     document = export_document(name, run_info, metrics, result, summaries)
     written["features.json"] = json.dumps(document, ensure_ascii=False, allow_nan=False).encode()
@@ -82,6 +84,7 @@ def write(
     if curves is not None:
         written["training.png"] = curves
         shown["Training curves"] = "training.png"
+    shown.update(plots_shown or {})
     pages = dashboard.render_pages(title, metrics, run_info, summaries, shown)
     written.update({path: text.encode() for path, text in pages.items()})
     uris = {path: storage.join(output, *path.split("/")) for path in written}

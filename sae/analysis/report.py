@@ -38,6 +38,7 @@ from sae.progress import Progress, log
 
 # Tokens listed per feature as raised and as lowered most by its decoder direction.
 LOGIT_EFFECTS_TOP = 10
+STEERING_PLOT_CAPTION = "Steering: concept against cost, with DiffMean and random baselines"
 
 
 def report(config: PipelineConfig, force: bool = False) -> bool:
@@ -241,13 +242,24 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
             f"{name} held-out: "
             + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)),
         )
-        files += _report_one(
-            config, name, sae, params, sae_cfg, result, processor, w_u, training_log, shown_values
-        )
+        plots_shown = {}
         if cfg.steering_eval_features and not saelens.is_transcoder(sae_cfg["architecture"]):
+            # First, so that the SAE's page shows its plot.
             files += _evaluate_steering(
                 config, name, (sae, params, sae_cfg), result, backbone, tokens_manifest
             )
+            plots_shown[STEERING_PLOT_CAPTION] = "steering/evaluation.png"
+        files += _report_one(
+            config,
+            name,
+            (sae, params, sae_cfg),
+            result,
+            processor,
+            w_u,
+            training_log,
+            shown_values,
+            plots_shown,
+        )
         all_metrics[name] = result.metrics
         overview.append(
             {
@@ -533,18 +545,19 @@ def _evaluate_steering(
 def _report_one(
     config: PipelineConfig,
     name: str,
-    sae,
-    params: dict,
-    sae_cfg: dict,
+    entry: tuple,
     result: evaluation.EvalResult,
     processor: spm.SentencePieceProcessor,
     w_u: np.ndarray,
     training_log: list[dict],
     values: context_values.ContextValues | None = None,
+    plots_shown: dict[str, str] | None = None,
 ) -> list[str]:
     """metrics.json, the feature report (features.json, dashboard, plots: see
-    sae.analysis.feature_report) and steering vectors of one SAE."""
+    sae.analysis.feature_report) and steering vectors of one SAE; `plots_shown` ({caption:
+    path below the SAE's folder}) adds plots already written to its page."""
     cfg = config.report
+    _, params, sae_cfg = entry
     output = storage.join(config.report_uri, name)
     preset = sae_cfg["model_preset"]
     metrics = {"split": "eval (held out by tokenize; never trained on)", **result.metrics}
@@ -578,7 +591,7 @@ def _report_one(
     storage.write_json(files["metrics"], metrics)
     title = f"SAE report: {name} ({sae_cfg['hook_name']})"
     written = feature_report.write(
-        output, name, title, metrics, run_info, result, summaries, training_log
+        output, name, title, metrics, run_info, result, summaries, training_log, plots_shown
     )
     steering.save(files["steering"], vectors, strengths, chosen, metadata)
     storage.write_json(

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command for an accelerator: the train-step, BatchTopK cut-off and extraction benchmarks at the issue's
+# One command for an accelerator: the train-step, BatchTopK cut-off, TopK decode and extraction
+# benchmarks at the issue's
 # shapes on whatever device JAX sees, each JSON kept under $OUT (default bench-results/), then
 # the markdown table docs/PERFORMANCE.md shows (bench/table.py). Every figure is also a ratio
 # to a reference timed in the same run (five bare matmuls; the bare jitted forward).
@@ -30,6 +31,8 @@ fi
 "$PYTHON" bench/train_step.py --shapes "$TRAIN_SHAPES" --dtype "$DTYPE" --peak-tflops "$PEAK" \
   > "$OUT/train_step.json"
 "$PYTHON" bench/batch_cutoff.py --shapes "$TRAIN_SHAPES" > "$OUT/batch_cutoff.json"
+"$PYTHON" bench/topk_decode.py --shapes "$TRAIN_SHAPES" --dtype "$DTYPE" > "$OUT/topk_decode.json"
 "$PYTHON" bench/extract.py --shapes "$EXTRACT_SHAPES" --dtype "$DTYPE" > "$OUT/extract.json"
-"$PYTHON" bench/table.py "$OUT/train_step.json" "$OUT/batch_cutoff.json" "$OUT/extract.json" \
+"$PYTHON" bench/table.py "$OUT/train_step.json" "$OUT/batch_cutoff.json" \
+  "$OUT/topk_decode.json" "$OUT/extract.json" \
   | tee "$OUT/table.md"

@@ -67,8 +67,29 @@ def _batch_cutoff(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _topk_decode(result: dict[str, Any]) -> list[str]:
+    found = result["results"]
+    return [
+        f"### TopK decode, {result['device']}, {result['date']}, shapes {result['shapes']}",
+        "",
+        f"Default here: {result['default']}.",
+        "",
+        "| decode | seconds (forward + backward) | multiply-adds |",
+        "|---|---|---|",
+        *(
+            f"| {method} | {found[method]['seconds']:.5f} | {found[method]['multiply_adds']:,} |"
+            for method in ("sparse", "dense")
+        ),
+    ]
+
+
 def main(paths: list[str]) -> None:
-    render = {"train_step": _train_step, "extract": _extract, "batchtopk_select": _batch_cutoff}
+    render = {
+        "train_step": _train_step,
+        "extract": _extract,
+        "batchtopk_select": _batch_cutoff,
+        "topk_decode": _topk_decode,
+    }
     for path in paths:
         with open(path) as handle:
             result = json.load(handle)

@@ -85,3 +85,24 @@ def test_row_kth_largest_matches_top_k():
     for k in (1, 8, 30, 70):
         want = np.sort(values, axis=1)[:, -k][:, None]
         np.testing.assert_array_equal(sparse_ops.row_kth_largest(jnp.asarray(values), k), want)
+
+
+def test_sparse_and_dense_decode_agree_in_value_and_gradient():
+    """TopK's two decodes (the backend picks one by shape): the same output and gradients."""
+    rng = np.random.default_rng(4)
+    pre = jnp.asarray(rng.normal(size=(24, 96)), jnp.float32)
+    values, indices = sparse_ops.top_k(pre, 6)
+    w_dec = jnp.asarray(rng.normal(size=(96, 16)), jnp.float32)
+
+    def loss(values, w_dec, method):
+        return jnp.sum(sparse_ops.decode(jax.nn.relu(values), indices, w_dec, method) ** 2)
+
+    results = {
+        m: jax.value_and_grad(loss, argnums=(0, 1))(values, w_dec, m) for m in ("sparse", "dense")
+    }
+    for got, want in zip(
+        jax.tree.leaves(results["dense"]), jax.tree.leaves(results["sparse"]), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert sparse_ops._decode_method(96, 6) == "dense"  # CPU: 16 latents per selected one
+    assert sparse_ops._decode_method(16384, 64) == "sparse"

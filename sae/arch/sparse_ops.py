@@ -182,6 +182,36 @@ def sparse_decode(values: jax.Array, indices: jax.Array, w_dec: jax.Array) -> ja
     )(values, indices, w_dec)
 
 
+# TopK's decode: "sparse" gathers the k decoder rows of each token, "dense" scatters the
+# latents into [tokens, latents] and multiplies by the whole decoder. `bench/topk_decode.py`
+# times both, forward and backward. On the project's CPU (docs/PERFORMANCE.md) the gather wins
+# from about 256 latents per selected one (0.16-0.44 of the dense time) and loses at 64 (1.35-
+# 1.65): the CPU picks by that ratio. The accelerator entries are guesses until a device run:
+# a TPU's matrix unit favours the matmul and serialises the gather's scatter-add backward.
+DECODE_METHOD = {"gpu": "sparse", "tpu": "dense"}
+CPU_SPARSE_FROM_RATIO = 128  # latents per selected latent
+
+
+def _decode_method(width: int, k: int) -> str:
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "sparse" if width >= CPU_SPARSE_FROM_RATIO * k else "dense"
+    return DECODE_METHOD.get(backend, "sparse")
+
+
+def decode(
+    values: jax.Array, indices: jax.Array, w_dec: jax.Array, method: str | None = None
+) -> jax.Array:
+    """[tokens, d] from each token's (values, indices) of the latents, by `method` (default:
+    the backend's choice for this shape). With latents sharded over the model axis the sparse
+    form always runs."""
+    method = method or _decode_method(w_dec.shape[0], values.shape[-1])
+    if method == "sparse" or model_shards() > 1:
+        return sparse_decode(values, indices, w_dec)
+    latents = dense_from_sparse(values.astype(w_dec.dtype), indices, w_dec.shape[0])
+    return jnp.matmul(latents, w_dec, preferred_element_type=jnp.float32)
+
+
 def dense_from_sparse(values: jax.Array, indices: jax.Array, width: int) -> jax.Array:
     """[tokens, width] latents with `values` at `indices` and zeros elsewhere."""
     rows = jnp.arange(values.shape[0])[:, None]

@@ -1,7 +1,8 @@
 """TopK SAE (Gao et al. 2024): keep each token's k largest pre-activations, plus AuxK.
 
-Selection is exact under model-axis sharding (`sparse_ops.top_k`), and the decoder reads only
-the k selected rows per token, so decoding and the decoder's backward pass scale with k.
+Selection is exact under model-axis sharding (`sparse_ops.top_k`). The decode reads only the k
+selected decoder rows per token (cost scaling with k) or, where the backend and shape favour it,
+multiplies the scattered latents by the whole decoder (`sparse_ops.decode`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class TopKSAE(common.StandardDictionary):
         target = x if target is None else target
         pre, values, indices = self.select(params, x)
         w_dec = params["W_dec"].astype(self.matmul_dtype)
-        decoded = sparse_ops.sparse_decode(values, indices, w_dec) + params["b_dec"]
+        decoded = sparse_ops.decode(values, indices, w_dec) + params["b_dec"]
         reconstruction = decoded + self.skip_output(params, x)
         mse = common.squared_error(target, reconstruction)
         k_aux = aux_latents(self.spec.k_aux, self.d_model, self.d_sae)

@@ -24,11 +24,9 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from sae.arch import token_norm
+from sae.analysis.evaluation import latent_encoder
 from sae.data.activations import content_mask, sequence_batches
 
 COVERAGE = 0.9
@@ -161,16 +159,7 @@ def concept_absorption(
     """Absorption and splitting of every concept for every SAE of `saes` ({name: (sae,
     params, index of the tapped site it reads)}), one model pass over `sequences`. Returns the
     JSON document the report writes."""
-    encode = {
-        name: jax.jit(
-            lambda p, x, sae=sae: token_norm.encode_decode(sae, p, x.astype(jnp.float32))[0] > 0
-        )
-        for name, (sae, _, _) in saes.items()
-    }
-    params = {
-        name: jax.device_put({k: jnp.asarray(v) for k, v in p.items()})
-        for name, (_, p, _) in saes.items()
-    }
+    encode = {name: latent_encoder(sae, params) for name, (sae, params, _) in saes.items()}
     counts = {name: ConceptCounts(sae.d_sae, list(concepts)) for name, (sae, _, _) in saes.items()}
     pieces_cache: dict[int, str] = {}
 
@@ -191,7 +180,7 @@ def concept_absorption(
         outputs = [np.asarray(a, np.float32) for a in tap(token_ids, lengths)]
         for name, (_, _, site) in saes.items():
             rows = outputs[site][mask]
-            active = np.asarray(encode[name](params[name], rows))
+            active = np.asarray(encode[name](rows) > 0)
             counts[name].add(active, labels)
     found = {name: c.summary(precise) for name, c in counts.items()}
     return {

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from sae.analysis.evaluation import EvalResult
-from sae.arch import token_norm
+from sae.analysis.evaluation import EvalResult, latent_encoder
 from sae.data.activations import content_mask, sequence_batches
 
 
@@ -54,11 +51,7 @@ def context_values(
     sequences = entries[0][4].sequences if entries else []
     needed = sorted(set().union(*(referenced_sequences(e[4], e[3]) for e in entries)))
     longest = max((len(sequences[i]) for i in needed), default=0)
-    encoders = [
-        jax.jit(lambda p, x, sae=sae: token_norm.encode_decode(sae, p, x.astype(jnp.float32))[0])
-        for sae, *_ in entries
-    ]
-    params = [jax.device_put({k: jnp.asarray(v) for k, v in e[1].items()}) for e in entries]
+    encoders = [latent_encoder(sae, params) for sae, params, *_ in entries]
     columns = [np.asarray(e[3], np.int64) for e in entries]
     kept: list[dict[int, np.ndarray]] = [{} for _ in entries]
 
@@ -74,9 +67,7 @@ def context_values(
         mask = content_mask(token_ids, lengths, bos_id)
         outputs = [np.asarray(a, np.float32) for a in tap(token_ids, lengths)]
         for n, (_, _, site, _, _) in enumerate(entries):
-            rows = outputs[site]
-            latents = np.asarray(encoders[n](params[n], rows.reshape(-1, rows.shape[-1])))
-            latents = latents.reshape(*rows.shape[:2], -1)[:, :, columns[n]] * mask[..., None]
+            latents = np.asarray(encoders[n](outputs[site]))[:, :, columns[n]] * mask[..., None]
             for b, sequence in enumerate(needed[first : first + lm_batch_size]):
                 kept[n][sequence] = latents[b, : lengths[b]]
     return [

@@ -10,7 +10,7 @@ that re-run the model with the SAE spliced in (CE loss recovered, delta LM loss)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,22 @@ def _batch_statistics(sae: SparseAutoencoder, top_k: int, details: bool = True):
         }, feature_stats.update(stats, latents, first_sequence, seq_len)
 
     return jax.jit(statistics, static_argnums=6, donate_argnums=4)
+
+
+def latent_encoder(
+    sae: SparseAutoencoder, params: dict[str, np.ndarray]
+) -> Callable[[np.ndarray], jax.Array]:
+    """Raw activations [..., d_model] -> the SAE's latents [..., d_sae] (float32): jitted,
+    the weights put on the device once (the report's extra passes: probing, absorption,
+    context values)."""
+    weights = jax.device_put({k: jnp.asarray(v) for k, v in params.items()})
+    encode = jax.jit(lambda w, x: token_norm.encode_decode(sae, w, x.astype(jnp.float32))[0])
+
+    def latents(rows: np.ndarray) -> jax.Array:
+        flat = encode(weights, rows.reshape(-1, rows.shape[-1]))
+        return flat.reshape(*rows.shape[:-1], flat.shape[-1])
+
+    return latents
 
 
 @dataclass

@@ -20,12 +20,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from sae.arch import token_norm
+from sae.analysis.evaluation import latent_encoder
 from sae.data.activations import content_mask, sequence_batches
 from sae.errors import InputError
 from sae.io import storage
@@ -196,11 +194,7 @@ def pooled_activations(
     """Per document: the mean raw activation at each tapped site [docs, d], the mean latents
     of each (sae, params, site index) of `encoders` [docs, d_sae], and its content-token
     count (0: a document with no token besides BOS, which callers drop)."""
-    encode = [
-        jax.jit(lambda p, x, sae=sae: token_norm.encode_decode(sae, p, x.astype(jnp.float32))[0])
-        for sae, _, _ in encoders
-    ]
-    params = [jax.device_put({k: jnp.asarray(v) for k, v in p.items()}) for _, p, _ in encoders]
+    encode = [latent_encoder(sae, params) for sae, params, _ in encoders]
     raw: list[list[np.ndarray]] = [[] for _ in tap.sites]
     latents: list[list[np.ndarray]] = [[] for _ in encoders]
     counts = []
@@ -211,9 +205,8 @@ def pooled_activations(
         outputs = [np.asarray(a, np.float32) for a in tap(token_ids, lengths)]
         for pooled, site_rows in zip(raw, outputs, strict=True):
             pooled.append(np.einsum("bs,bsd->bd", weights, site_rows))
-        for pooled, (_, _, site), fn, p in zip(latents, encoders, encode, params, strict=True):
-            rows = outputs[site]
-            z = np.asarray(fn(p, rows.reshape(-1, rows.shape[-1]))).reshape(*rows.shape[:2], -1)
+        for pooled, (_, _, site), latents_of in zip(latents, encoders, encode, strict=True):
+            z = np.asarray(latents_of(outputs[site]))
             pooled.append(np.einsum("bs,bsf->bf", weights, z))
         counts.append(count)
     documents = len(sequences)

@@ -161,17 +161,20 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
     held_out = [dict(result.metrics) for result in results + snapshot_results]
     processor = spm.SentencePieceProcessor(model_proto=presets.tokenizer_proto(preset))
     analysis_files = []
+    # Each final SAE with the index of the tapped site it reads (the extra passes below).
+    readers = {
+        name: (sae, params, sites.index(pair[0]))
+        for (name, (sae, params, _)), pair in zip(saes.items(), read, strict=False)
+    }
     if config.probing_uri:
-        reads = {name: sites.index(pair[0]) for name, pair in zip(saes, read, strict=False)}
-        uri, added = _sparse_probing(config, tap, saes, reads, processor, tokens_manifest)
+        uri, added = _sparse_probing(config, tap, readers, processor, tokens_manifest)
         for name, result in zip(saes, results, strict=True):
             result.metrics.update(added[name])
         analysis_files = [uri]
     concepts = _concepts(config)
     if concepts and cfg.absorption.sequences:
-        reads = {name: sites.index(pair[0]) for name, pair in zip(saes, read, strict=False)}
         uri, added = _concept_absorption(
-            config, concepts, tap, saes, reads, processor, eval_shards, bos_id
+            config, concepts, tap, readers, processor, eval_shards, bos_id
         )
         for name, result in zip(saes, results, strict=True):
             result.metrics.update(added[name])
@@ -179,14 +182,8 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
     values: list[context_values.ContextValues | None] = [None] * len(saes)
     if cfg.context_values:
         entries_shown = [
-            (
-                sae,
-                params,
-                sites.index(pair[0]),
-                features.most_active(result, cfg.max_features),
-                result,
-            )
-            for (sae, params, _), pair, result in zip(saes.values(), read, results, strict=False)
+            (*reader, features.most_active(result, cfg.max_features), result)
+            for reader, result in zip(readers.values(), results, strict=True)
         ]
         values = list(
             context_values.context_values(tap, entries_shown, bos_id, config.train.lm_batch_size)
@@ -289,8 +286,7 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
 def _sparse_probing(
     config: PipelineConfig,
     tap: lm.ActivationTap,
-    saes: dict[str, tuple],
-    reads: dict[str, int],
+    readers: dict[str, tuple],
     processor: spm.SentencePieceProcessor,
     tokens_manifest: dict,
 ) -> tuple[str, dict[str, dict[str, float]]]:
@@ -302,7 +298,7 @@ def _sparse_probing(
     )
     found = probing.sparse_probing(
         tap,
-        {name: (sae, params, reads[name]) for name, (sae, params, _) in saes.items()},
+        readers,
         labelled,
         processor.encode,
         bos_id=tokens_manifest["tokenizer"]["bos_id"],
@@ -346,8 +342,7 @@ def _concept_absorption(
     config: PipelineConfig,
     concepts: dict[str, list[str]],
     tap: lm.ActivationTap,
-    saes: dict[str, tuple],
-    reads: dict[str, int],
+    readers: dict[str, tuple],
     processor: spm.SentencePieceProcessor,
     eval_shards: list[str],
     bos_id: int,
@@ -357,7 +352,7 @@ def _concept_absorption(
     cfg = config.report.absorption
     found = absorption.concept_absorption(
         tap,
-        {name: (sae, params, reads[name]) for name, (sae, params, _) in saes.items()},
+        readers,
         itertools.islice(iter_sequences(eval_shards), cfg.sequences),
         processor.id_to_piece,
         concepts,

@@ -2,7 +2,7 @@
 against one plain reduction over the same array in the same run, printed as JSON.
 
     python bench/batch_cutoff.py                  # small shapes (CPU)
-    python bench/batch_cutoff.py --shapes issue   # 4096 tokens x 16384 latents, k 64 (an accelerator)
+    python bench/batch_cutoff.py --shapes issue   # 4096 tokens x 16384 latents, k 64
 
 A method is digit bits and how a pass counts: `compare` (2**bits - 1 counting reductions) or
 `histogram` (one scatter-add into 2**bits counters). `passes` (reads of the activations) does

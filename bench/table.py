@@ -54,7 +54,8 @@ def _batch_cutoff(result: dict[str, Any]) -> list[str]:
     lines = [
         f"### BatchTopK cut-off, {result['device']}, {result['date']}, shapes {result['shapes']}",
         "",
-        f"Default here: {result['default']}; one reduction pass {result['one_pass_seconds']:.5f} s.",
+        f"Default here: {result['default']}; "
+        f"one reduction pass {result['one_pass_seconds']:.5f} s.",
         "",
         "| method (digit bits:count) | passes | seconds | vs one pass |",
         "|---|---|---|---|",

@@ -10,6 +10,6 @@ bash scripts/ensure_podman.sh
 bash scripts/ensure_gguf.sh
 bash scripts/ensure_saelens.sh
 VENV=${GEMMA_SAE_VENV:-.venv}
-"$VENV/bin/ruff" check sae jobs tests
-"$VENV/bin/ruff" format --check sae jobs tests
+"$VENV/bin/ruff" check sae jobs tests bench scripts
+"$VENV/bin/ruff" format --check sae jobs tests bench scripts
 exec "$VENV/bin/pytest" "$@"

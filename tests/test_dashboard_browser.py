@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from sae.analysis import dashboard
+from sae.analysis import dashboard, report_html
 from sae.analysis.dashboard import display_token
+from sae.model import spliced
 
 from . import dashboard_data
 
@@ -240,6 +242,32 @@ def test_index_shows_rows_a_page_at_a_time(browser, report, monkeypatch):
         f"showing 20 of {len(features)} features"
     )
     assert page.errors() == []
+
+
+def test_an_undefined_ratio_shows_as_undefined_with_its_warning(browser, report):
+    """CE loss recovered on text where zero ablation costs nothing: null in the metrics, shown
+    as "undefined" on the SAE's page and the overview, each with the warning saying why."""
+    sums = spliced.SplicedSums(10, np.array([95.8, 71.9, 97.0]), np.zeros(3))
+    metrics = sums.metrics(0)
+    warnings = spliced.recovery_warnings(metrics)
+    features = _document(report)["features"]
+    pages = {
+        "undefined.html": dashboard.render_index(
+            "far text", {**metrics, "warnings": warnings}, {}, features, {}
+        ),
+        "overview.html": report_html.render_overview(
+            "run", [{"name": "s", "architecture": "topk", **metrics, "warnings": warnings}]
+        ),
+    }
+    for name, html in pages.items():
+        (report / name).write_text(html)
+        page = browser.open((report / name).as_uri())
+        assert page.errors() == []
+        shown = page.evaluate("[...document.querySelectorAll('.warning')].map(p => p.textContent)")
+        assert len(shown) == 1 and "ce_loss_recovered undefined" in shown[0]
+        cells = page.evaluate("[...document.querySelectorAll('td')].map(c => c.textContent)")
+        assert "undefined" in cells
+        assert "-" in cells or name == "undefined.html"  # the overview's unmeasured columns
 
 
 def test_feature_page_highlights_the_firing_tokens(browser, report):

@@ -165,3 +165,26 @@ def test_bad_spliced_settings_fail_with_one_line():
         config.load(None, ["report.spliced_sequences=-1"])
     with pytest.raises(InputError, match="GemmaBackbone"):
         lm.check_gemma(object())
+
+
+def test_recovery_is_undefined_when_the_ablation_costs_nothing():
+    """On text far from the model's training data the zero ablation once scored below the clean
+    run (7.19 < 9.58 nats) and CE recovered came out 1.05, a "perfect" score: a ratio whose
+    ablation is not clearly worse than the clean run is undefined and says why."""
+    positions = 10
+    # Paths: clean, zero ablation, mean ablation, the SAE (summed over 10 positions).
+    far = spliced.SplicedSums(positions, np.array([95.8, 71.9, 96.3, 97.0]), np.zeros(4), True)
+    metrics = far.metrics(0)
+    assert metrics["ce_loss_recovered"] is None
+    # The mean ablation costs 0.05 nats: below the gap, undefined too.
+    assert metrics["ce_loss_recovered_vs_mean_ablation"] is None
+    assert metrics["delta_lm_loss"] == pytest.approx(0.12)
+    warnings = spliced.recovery_warnings(metrics)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("ce_loss_recovered undefined: the zero-ablated CE loss 7.19")
+    assert "ce_loss_recovered_vs_mean_ablation undefined" in warnings[1]
+    near = spliced.SplicedSums(positions, np.array([95.8, 105.8, 98.8, 96.8]), np.zeros(4), True)
+    metrics = near.metrics(0)
+    assert metrics["ce_loss_recovered"] == pytest.approx(0.9)
+    assert metrics["ce_loss_recovered_vs_mean_ablation"] == pytest.approx(2 / 3)
+    assert spliced.recovery_warnings(metrics) == []

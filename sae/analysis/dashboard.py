@@ -33,6 +33,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .act { color: #666; display: inline-block; min-width: 5.5rem; }
 .band { margin: 0.8rem 0; }
 .empty { color: #888; font-style: italic; }
+.warning { color: #8a4b00; background: #fff4e0; padding: 0.3rem 0.6rem; border-radius: 3px; }
 .effects { display: flex; gap: 3rem; flex-wrap: wrap; }
 figure { margin: 0.5rem 0; }
 img.plot { max-width: 100%; border: 1px solid #eee; }
@@ -146,9 +147,17 @@ def _page(title: str, body: str) -> str:
 
 
 def _number(value: Any) -> str:
+    if value is None:  # measured but meaningless here (see the page's warnings)
+        return "undefined"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def warnings_html(warnings: list[str]) -> str:
+    """Lines about metrics left undefined (sae.model.spliced.recovery_warnings), shown above
+    the metrics they concern."""
+    return "".join(f'<p class="warning">warning: {escape(w)}</p>' for w in warnings)
 
 
 def _table(rows: dict[str, Any]) -> str:
@@ -181,7 +190,8 @@ def render_index(
     script = _INDEX_SCRIPT.replace("PAGE_ROWS", str(INDEX_PAGE_ROWS))
     body = f"""<nav><a href="../index.html">all SAEs of this run</a></nav>
 <h1>{escape(title)}</h1>
-<h2>Held-out evaluation</h2>{_table(metrics)}
+<h2>Held-out evaluation</h2>{warnings_html(metrics.get("warnings", []))}
+{_table({k: v for k, v in metrics.items() if k != "warnings"})}
 <h2>Run</h2>{_table(run_info)}
 <h2>Plots</h2>{figures or '<p class="empty">no plots</p>'}
 <h2>Features</h2>

@@ -239,6 +239,9 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
             f"{name} held-out: "
             + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)),
         )
+        warnings = spliced.recovery_warnings(result.metrics)
+        for warning in warnings:
+            log("report", f"warning: {name} {warning}")
         plots_shown = {}
         if cfg.steering_eval_features and not saelens.is_transcoder(sae_cfg["architecture"]):
             # First, so that the SAE's page shows its plot.
@@ -256,14 +259,15 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
             training_log,
             shown_values,
             plots_shown,
+            warnings,
         )
-        all_metrics[name] = result.metrics
+        all_metrics[name] = {**result.metrics, **({"warnings": warnings} if warnings else {})}
         overview.append(
             {
                 "name": name,
                 "architecture": sae_cfg.get("trained_as", sae_cfg["architecture"]),
                 "layer": sae_cfg["layer"],
-                **result.metrics,
+                **all_metrics[name],
             }
         )
     summary_files = {
@@ -279,6 +283,7 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
         report_html.render_overview("SAE run", overview, curve=bool(curve_files)),
     )
     counts = {f"{name}/{k}": v for name, m in all_metrics.items() for k, v in m.items()}
+    counts = {k: v for k, v in counts.items() if not k.endswith("/warnings")}
     outputs = files + curve_files + analysis_files + list(summary_files.values())
     return StageOutput(counts, outputs)
 
@@ -547,15 +552,19 @@ def _report_one(
     training_log: list[dict],
     values: context_values.ContextValues | None = None,
     plots_shown: dict[str, str] | None = None,
+    warnings: list[str] | None = None,
 ) -> list[str]:
     """metrics.json, the feature report (features.json, dashboard, plots: see
     sae.analysis.feature_report) and steering vectors of one SAE; `plots_shown` ({caption:
-    path below the SAE's folder}) adds plots already written to its page."""
+    path below the SAE's folder}) adds plots already written to its page; `warnings` (lines
+    about metrics left undefined) go into metrics.json and onto the page."""
     cfg = config.report
     _, params, sae_cfg = entry
     output = storage.join(config.report_uri, name)
     preset = sae_cfg["model_preset"]
     metrics = {"split": "eval (held out by tokenize; never trained on)", **result.metrics}
+    if warnings:
+        metrics["warnings"] = warnings
     shown = features.most_active(result, cfg.max_features)
     effects = logit_effects.top_logit_effects(params["W_dec"], w_u, shown, LOGIT_EFFECTS_TOP)
     summaries = features.feature_summaries(

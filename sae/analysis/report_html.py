@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sae.analysis.dashboard import STYLE, escape
+from sae.analysis.dashboard import STYLE, escape, warnings_html
 
 _CURVE = """<h2>Over training</h2>
 <p>Each SAE's snapshots (train.n_checkpoints) and its final weights, judged on the same held-out
@@ -24,14 +24,19 @@ def render_overview(title: str, rows: list[dict[str, Any]], curve: bool = False)
 
     def cell(row: dict[str, Any], column: str) -> str:
         value = row.get(column)
-        if value is None:  # not measured (e.g. spliced metrics switched off)
+        if column not in row:  # not measured (e.g. spliced metrics switched off)
             return "-"
+        if value is None:  # measured but meaningless here (see the warnings below)
+            return "undefined"
         if column == "name":
             return f'<a href="{escape(value)}/index.html">{escape(value)}</a>'
         return escape(f"{value:.4g}" if isinstance(value, float) else value)
 
     body = "".join(
         "<tr>" + "".join(f"<td>{cell(r, c)}</td>" for c in columns) + "</tr>" for r in rows
+    )
+    notes = "".join(
+        warnings_html([f"{row['name']}: {w}" for w in row.get("warnings", [])]) for row in rows
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
@@ -40,5 +45,6 @@ def render_overview(title: str, rows: list[dict[str, Any]], curve: bool = False)
 <p>Held-out evaluation of every SAE trained in this run; click a name for its feature
 dashboard.</p>
 <table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+{notes}
 {_CURVE if curve else ""}</body></html>
 """

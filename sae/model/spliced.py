@@ -48,6 +48,12 @@ Reconstruct = Callable[[Params, jax.Array], jax.Array]
 # The vocabulary is large (256k for Gemma), so logits are made and reduced chunk by chunk.
 LOGITS_BUDGET = 2**28
 
+# CE loss recovered is (ablated - spliced) / (ablated - clean). When the ablation costs less
+# than this many nats per position (text far from the model's training data, where zeroing a
+# layer can even help), the ratio is noise or meaningless (1.05 once looked like a perfect
+# score), so it is reported as undefined and delta LM loss and KL are what remain.
+MIN_ABLATION_GAP = 0.1
+
 
 @dataclass
 class SplicedModel:
@@ -83,7 +89,8 @@ class SplicedSums:
 
     def metrics(self, model: int) -> dict[str, float | None]:
         """The field's metrics for model `model` (its index among the evaluator's models);
-        CE loss recovered is None (JSON null) when the ablation costs nothing. With mean
+        CE loss recovered is None (JSON null) when the ablation does not cost clearly more
+        than the clean run (MIN_ABLATION_GAP; `recovery_warnings` says why). With mean
         ablation, the same against it: a far stronger baseline than zeros, which a residual
         stream's few huge dimensions make easy to beat."""
         n = max(self.positions, 1)
@@ -108,7 +115,27 @@ class SplicedSums:
 
 
 def _recovered(ablated: float, spliced: float, clean: float) -> float | None:
-    return (ablated - spliced) / (ablated - clean) if ablated != clean else None
+    gap = ablated - clean
+    return (ablated - spliced) / gap if gap >= MIN_ABLATION_GAP else None
+
+
+# (ratio, its ablation's CE loss, the baseline's name) of each CE-recovered metric.
+_RECOVERED = (
+    ("ce_loss_recovered", "ce_loss_zero_ablation", "zero"),
+    ("ce_loss_recovered_vs_mean_ablation", "ce_loss_mean_ablation", "mean"),
+)
+
+
+def recovery_warnings(metrics: dict[str, Any]) -> list[str]:
+    """One line per CE-recovered ratio of `metrics` (SplicedSums.metrics) left undefined
+    because its ablation was not clearly worse than the clean run."""
+    return [
+        f"{ratio} undefined: the {baseline}-ablated CE loss {metrics[ablated]:.4g} is not "
+        f"{MIN_ABLATION_GAP} nats above the clean {metrics['ce_loss_clean']:.4g}, so the ratio "
+        "means nothing on this text; judge by delta_lm_loss and kl_div_with_sae"
+        for ratio, ablated, baseline in _RECOVERED
+        if ablated in metrics and metrics.get(ratio) is None
+    ]
 
 
 def mean_model(mean: np.ndarray) -> SplicedModel:

@@ -354,6 +354,56 @@ class AbsorptionConfig:
 
 
 @dataclass
+class AutoInterpConfig:
+    """Auto-interpretability, delphi-style (sae.analysis.autointerp): an explainer model
+    explains each feature from its top and quantile-sampled contexts, then is scored on
+    telling held-out activating contexts from non-activating ones given the explanation."""
+
+    # Features explained per SAE, the most frequently active first; 0 switches it off.
+    features: int = 4
+    # An OpenAI-compatible chat endpoint (its base URL, e.g. http://host:8000/v1 for vLLM);
+    # empty: an in-process keras-hub Gemma (`explainer`).
+    endpoint: str = ""
+    endpoint_model: str = ""
+    # The environment variable holding the endpoint's API key (read, never logged); unset or
+    # empty sends no key.
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_seconds: float = 120.0
+    # The in-process explainer: any model source model.preset accepts, best an instruction-
+    # tuned Gemma (gemma2_instruct_2b_en, ...); empty: the run's own model (a poor explainer,
+    # fine for checking the machinery).
+    explainer: str = ""
+    # Top contexts and quantile-sampled contexts shown to the explainer.
+    explain_top: int = 8
+    explain_quantile: int = 4
+    # Held-out activating contexts (quantile-sampled, none shown to the explainer) scored,
+    # with as many non-activating ones.
+    detection_examples: int = 8
+    # "probability": one excerpt per prompt, the explainer's probability of answering 1
+    # rather than 0 (delphi's log-prob detection; an AUROC too; an endpoint must return
+    # logprobs); "list": `examples_per_prompt` excerpts per prompt, the 0/1 list it writes.
+    detection: Literal["probability", "list"] = "probability"
+    examples_per_prompt: int = 4
+    max_new_tokens: int = 48
+    # Prompts generated together by the in-process explainer.
+    batch_size: int = 8
+    seed: int = 0
+
+    def validate(self) -> None:
+        _non_negative(self, "features", "explain_quantile")
+        _positive(self, "explain_top", "detection_examples", "examples_per_prompt")
+        _positive(self, "max_new_tokens", "batch_size")
+        if not (math.isfinite(self.timeout_seconds) and self.timeout_seconds > 0):
+            raise ConfigError("report.autointerp.timeout_seconds must be a positive number")
+        if self.endpoint and not self.endpoint_model:
+            raise ConfigError("report.autointerp.endpoint needs report.autointerp.endpoint_model")
+        if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"report.autointerp.endpoint must be an http(s) URL, not {self.endpoint!r}"
+            )
+
+
+@dataclass
 class ReportConfig:
     """Evaluation on the held-out split, feature pages and steering vectors."""
 
@@ -395,10 +445,19 @@ class ReportConfig:
     steering_eval_max_ce_increase: float = 0.5
     probing: ProbingConfig = field(default_factory=ProbingConfig)
     absorption: AbsorptionConfig = field(default_factory=AbsorptionConfig)
+    autointerp: AutoInterpConfig = field(default_factory=AutoInterpConfig)
 
     def validate(self) -> None:
         self.probing.validate()
         self.absorption.validate()
+        self.autointerp.validate()
+        if self.autointerp.features and not self.context_values:
+            raise ConfigError(
+                "report.autointerp needs report.context_values (its non-activating contexts "
+                "and marked tokens come from that pass)"
+            )
+        if self.autointerp.features > self.max_features > 0:
+            raise ConfigError("report.autointerp.features must not exceed report.max_features")
         _positive(self, "eval_tokens", "top_contexts")
         _non_negative(self, "context_window", "max_features", "num_steering", "spliced_sequences")
         _non_negative(self, "mean_ablation_tokens", "curve_sequences", "steering_eval_features")

@@ -142,6 +142,20 @@ def test_dataflow_settings_load():
             "'tokenize.dataflow.max_num_workers'?)",
         ),
         (["train"], "must look like key=value"),
+        (
+            ["report.autointerp.detection=guess"],
+            "'report.autointerp.detection' must be one of 'probability', 'list'",
+        ),
+        (
+            ["report.autointerp.endpoint=http://h/v1"],
+            "endpoint needs report.autointerp.endpoint_model",
+        ),
+        (
+            ["report.autointerp.endpoint=h:8000", "report.autointerp.endpoint_model=m"],
+            "report.autointerp.endpoint must be an http(s) URL, not 'h:8000'",
+        ),
+        (["report.context_values=false"], "report.autointerp needs report.context_values"),
+        (["report.autointerp.features=-1"], "autointerp.features must not be negative"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):

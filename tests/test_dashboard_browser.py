@@ -295,8 +295,16 @@ def test_a_real_report_loads_cleanly(browser, local_run):
     assert page.evaluate("document.querySelectorAll('#index tbody tr').length") == len(features)
     assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
     assert page.errors() == []
+    # The first features carry auto-interp's explanation: in the index and on their page.
+    explanations = page.evaluate(
+        "[...document.querySelectorAll('#index tbody td.explanation')].map(c => c.textContent)"
+    )
+    assert explanations == [f.get("explanation") or "" for f in features]
+    assert features[0]["explanation"]
     first = browser.open((sae_dir / "features" / f"{features[0]['index']}.html").as_uri())
     assert first.evaluate("document.querySelectorAll('.context .hl').length") > 0
+    shown = first.evaluate("document.querySelector('p.explanation').textContent")
+    assert shown == features[0]["explanation"]
     assert first.errors() == []
     overview = browser.open((local_run / "report" / "index.html").as_uri())
     assert overview.errors() == []

@@ -46,7 +46,9 @@ def test_export_matches_the_schema_and_the_report(local_run, tmp_path):
 
     features = [r for p in sorted(root.glob("features/*.jsonl.gz")) for r in _rows(p)]
     activations = [r for p in sorted(root.glob("activations/*.jsonl.gz")) for r in _rows(p)]
-    for kind, rows in (("feature", features), ("activation", activations)):
+    explanations = [r for p in sorted(root.glob("explanations/*.jsonl.gz")) for r in _rows(p)]
+    tables = (("feature", features), ("activation", activations), ("explanation", explanations))
+    for kind, rows in tables:
         assert len({tuple(sorted(r)) for r in rows}) == 1, f"{kind} rows differ in their keys"
         for row in rows:
             _check(row, kind)
@@ -69,6 +71,13 @@ def test_export_matches_the_schema_and_the_report(local_run, tmp_path):
     assert (first["tokens"], first["values"]) == (top["tokens"], top["values"])
     assert first["binMin"] == -1 and first["qualifyingTokenIndex"] == top["highlight"]
     assert first["maxValue"] == max(top["values"])
+    # The report's auto-interp explanations (report.autointerp.features of them), one row each.
+    explained = [f for f in report["features"] if f.get("explanation")]
+    assert explained and [r["index"] for r in explanations] == [str(f["index"]) for f in explained]
+    for row, feature in zip(explanations, explained, strict=True):
+        assert row["description"] == feature["explanation"]
+        assert feature["autointerp"]["explainer"] in row["notes"]
+    assert len({r["id"] for r in explanations}) == len(explanations)
 
 
 def test_a_report_without_context_values_is_a_one_line_error(local_run, tmp_path, capsys):

@@ -60,6 +60,7 @@ _INDEX_SCRIPT = """
   function matches(f, q) {
     if (!q) return true;
     if (String(f.index) === q) return true;
+    if (f.explanation && f.explanation.toLowerCase().includes(q)) return true;
     return f.top_tokens.some(t => t.toLowerCase().includes(q));
   }
   function render() {
@@ -84,6 +85,7 @@ _INDEX_SCRIPT = """
         span.textContent = t.replace(/\\n/g, '\\u21b5').replace(/\\t/g, '\\u21e5');
         tokens.appendChild(span);
       }
+      cell(tr, f.explanation || '', 'explanation');
       body.appendChild(tr);
     }
     count.textContent = 'showing ' + Math.min(shown, rows.length) + ' of ' + rows.length +
@@ -177,7 +179,9 @@ def render_index(
     """The SAE's index.html: metrics, plots (`plots`: caption -> relative PNG path) and a
     sortable, searchable table of `summaries` linking to features/<index>.html."""
     keys = [key for key, _ in _INDEX_COLUMNS] + ["top_tokens"]
-    rows = [{key: f[key] for key in keys} for f in summaries]
+    rows = [
+        {**{key: f[key] for key in keys}, "explanation": f.get("explanation")} for f in summaries
+    ]
     figures = "".join(
         f'<figure><img class="plot" src="{escape(path)}" alt="{escape(caption)}">'
         f"<figcaption>{escape(caption)}</figcaption></figure>"
@@ -197,11 +201,12 @@ def render_index(
 <h2>Features</h2>
 <p>Live features on the held-out tokens, most frequently active first; click a column to sort,
 type to search the top tokens (or a feature number), click a feature for its page.</p>
-<input id="search" type="search" placeholder="search top tokens or a feature number"
+<input id="search" type="search" placeholder="search top tokens, explanations or a number"
   aria-label="search features">
 <p id="count"></p>
 <noscript><p>The feature list needs JavaScript; the pages under features/ do not.</p></noscript>
-<table id="index"><thead><tr>{head}<th>top tokens</th></tr></thead><tbody></tbody></table>
+<table id="index"><thead><tr>{head}<th>top tokens</th><th>explanation</th></tr></thead>
+<tbody></tbody></table>
 <button id="more" hidden>show more</button>
 <script type="application/json" id="feature-data">{inline_json(rows)}</script>
 <script>{script}</script>"""
@@ -279,6 +284,34 @@ def _quantiles_html(feature: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _explanation_html(record: dict[str, Any] | None) -> str:
+    """Auto-interp's explanation and its detection score (sae.analysis.autointerp)."""
+    if record is None:
+        return ""
+    explanation = record.get("explanation")
+    if explanation is None:
+        return (
+            f'<h2>Explanation</h2><p class="empty">{escape(record["explainer"])} gave no usable '
+            f"explanation (it answered: {escape(record['explainer_answer'])!s})</p>"
+        )
+    detection = record.get("detection", {})
+    score = detection.get("balanced_accuracy")
+    auroc = detection.get("auroc")
+    scored = (
+        f"balanced accuracy {score:.3f}"
+        + ("" if auroc is None else f", AUROC {auroc:.3f}")
+        + f" (chance 0.5) over {detection['examples']} held-out contexts, "
+        f"{detection['activating']} of them activating ({detection['unparsed']} unanswered)"
+        if score is not None
+        else "not scored (no usable answer on both kinds of context)"
+    )
+    return f"""<h2>Explanation</h2>
+<p class="explanation">{escape(explanation)}</p>
+<p>By {escape(record["explainer"])} from {record["explained_from"]} contexts; detection
+(given only this explanation, which held-out contexts make the feature fire?): {escape(scored)}.
+</p>"""
+
+
 def render_feature(
     sae_title: str, feature: dict[str, Any], previous: int | None, following: int | None
 ) -> str:
@@ -315,6 +348,7 @@ def render_feature(
     body = f"""<nav>{" &middot; ".join(nav)}</nav>
 <h1>{title} <small>{escape(sae_title)}</small></h1>
 {_table(stats)}
+{_explanation_html(feature.get("autointerp"))}
 <h2>Activation histogram</h2>
 <p>Held-out firings per log-spaced bin (8 per decade); the outer edges are the smallest and
 largest activation seen.</p>

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import random
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from jax.sharding import Mesh
 from sae import sharding
 from sae.analysis import (
     absorption,
+    autointerp,
     context_values,
     evaluation,
     feature_report,
@@ -31,7 +33,7 @@ from sae.config import PipelineConfig
 from sae.data.activations import content_mask, sequence_batches
 from sae.data.token_shards import iter_sequences
 from sae.errors import InputError
-from sae.io import manifest, presets, saelens, storage
+from sae.io import manifest, model_sources, presets, saelens, storage
 from sae.io.stages import StageOutput, run_stage
 from sae.model import lm, spliced
 from sae.progress import Progress, log
@@ -74,6 +76,10 @@ def report(config: PipelineConfig, force: bool = False) -> bool:
                 "(or name report.absorption.concepts, or set report.absorption.sequences=0)"
             )
         inputs["concepts"] = storage.fingerprint(config.demo_concepts_uri)
+    interp = config.report.autointerp
+    if interp.features and interp.explainer and not interp.endpoint:
+        # A missing explainer model fails here, before the evaluation.
+        presets.tokenizer_proto(model_sources.resolve(interp.explainer))
 
     def body() -> StageOutput:
         return _report(config, tokens_manifest, eval_shards)
@@ -227,6 +233,7 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
         )
         curve_files = _write_curve(config, curves)
     w_u = logit_effects.unembedding(backbone)
+    explainer, explainer_note = _explainer(config, backbone, preset)
     training_log = plots.read_training_log(storage.join(config.sae_uri, "metrics.jsonl"))
     files: list[str] = []
     overview: list[dict] = []
@@ -240,6 +247,7 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
             + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)),
         )
         warnings = spliced.recovery_warnings(result.metrics)
+        warnings += [explainer_note] if explainer_note else []
         for warning in warnings:
             log("report", f"warning: {name} {warning}")
         plots_shown = {}
@@ -260,6 +268,7 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
             shown_values,
             plots_shown,
             warnings,
+            explainer,
         )
         all_metrics[name] = {**result.metrics, **({"warnings": warnings} if warnings else {})}
         overview.append(
@@ -553,23 +562,35 @@ def _report_one(
     values: context_values.ContextValues | None = None,
     plots_shown: dict[str, str] | None = None,
     warnings: list[str] | None = None,
+    explainer: autointerp.Explainer | None = None,
 ) -> list[str]:
     """metrics.json, the feature report (features.json, dashboard, plots: see
-    sae.analysis.feature_report) and steering vectors of one SAE; `plots_shown` ({caption:
-    path below the SAE's folder}) adds plots already written to its page; `warnings` (lines
-    about metrics left undefined) go into metrics.json and onto the page."""
+    sae.analysis.feature_report), steering vectors and, given an `explainer`, auto-interp
+    (autointerp.json) of one SAE; `plots_shown` ({caption: path below the SAE's folder}) adds
+    plots already written to its page; `warnings` (lines about metrics left undefined, to
+    which this adds auto-interp's) go into metrics.json and onto the page."""
+    warnings = [] if warnings is None else warnings
     cfg = config.report
     _, params, sae_cfg = entry
     output = storage.join(config.report_uri, name)
     preset = sae_cfg["model_preset"]
-    metrics = {"split": "eval (held out by tokenize; never trained on)", **result.metrics}
-    if warnings:
-        metrics["warnings"] = warnings
     shown = features.most_active(result, cfg.max_features)
     effects = logit_effects.top_logit_effects(params["W_dec"], w_u, shown, LOGIT_EFFECTS_TOP)
     summaries = features.feature_summaries(
         result, processor, cfg.context_window, shown, effects, values
     )
+    interpreted = []
+    if explainer is not None and values is not None:
+        try:
+            interpreted = _auto_interpret(
+                config, name, explainer, summaries, result, values, processor
+            )
+        except autointerp.ExplainerError as error:
+            warnings.append(f"auto-interp skipped: {error}")
+            log("report", f"warning: {name} auto-interp skipped: {error}")
+    metrics = {"split": "eval (held out by tokenize; never trained on)", **result.metrics}
+    if warnings:
+        metrics["warnings"] = warnings
     sae_dir = storage.join(config.sae_uri, name)
     run_info = {
         "model": preset,
@@ -608,4 +629,99 @@ def _report_one(
             ],
         },
     )
-    return list(files.values()) + written
+    return list(files.values()) + written + interpreted
+
+
+def _auto_interpret(
+    config: PipelineConfig,
+    name: str,
+    explainer: autointerp.Explainer,
+    summaries: list[dict[str, Any]],
+    result: evaluation.EvalResult,
+    values: context_values.ContextValues,
+    processor: spm.SentencePieceProcessor,
+) -> list[str]:
+    """Explain and score the first report.autointerp.features of `summaries` (the most
+    frequently active); each summary gets its explanation and score, the SAE's metrics the
+    mean score, and <sae>/autointerp.json every prompt's examples and answers."""
+    cfg = config.report.autointerp
+    rng = random.Random(cfg.seed)
+    chosen = summaries[: cfg.features]
+    examples = []
+    for summary in chosen:
+        negatives = autointerp.non_activating_examples(
+            result.sequences,
+            values.latents,
+            values.columns[summary["index"]],
+            processor,
+            config.report.context_window,
+            cfg.detection_examples,
+            rng,
+        )
+        examples.append(
+            autointerp.feature_examples(
+                summary,
+                negatives,
+                cfg.explain_top,
+                cfg.explain_quantile,
+                cfg.detection_examples,
+                rng,
+            )
+        )
+    progress = Progress(f"report {name} auto-interp", len(chosen), unit="feature")
+    records = autointerp.interpret(explainer, examples, cfg.detection, cfg.examples_per_prompt)
+    progress.update(len(chosen))
+    progress.close()
+    for summary, record in zip(chosen, records, strict=True):
+        summary["explanation"] = record["explanation"]
+        summary["autointerp"] = {k: v for k, v in record.items() if k != "detection_examples"}
+    score = autointerp.mean_balanced_accuracy(records)
+    result.metrics["autointerp_features"] = len(records)
+    result.metrics["autointerp_explained"] = sum(r["explanation"] is not None for r in records)
+    result.metrics["autointerp_detection_balanced_accuracy"] = score
+    log(
+        "report",
+        f"{name} auto-interp ({explainer.name}): {len(records)} features, "
+        f"{result.metrics['autointerp_explained']} explained, mean detection balanced accuracy "
+        + ("-" if score is None else f"{score:.3f}"),
+    )
+    uri = storage.join(config.report_uri, name, "autointerp.json")
+    storage.write_json(
+        uri,
+        {
+            "explainer": explainer.name,
+            "prompts": {"explain": autointerp.EXPLAIN_PROMPT, "detect": autointerp.DETECT_PROMPT},
+            "features": records,
+        },
+    )
+    return [uri]
+
+
+def _explainer(
+    config: PipelineConfig, backbone: Any, preset: str
+) -> tuple[autointerp.Explainer | None, str | None]:
+    """The explainer report.autointerp names, or None and why auto-interp is skipped (an
+    unreachable endpoint is a note in the report, not a failed stage)."""
+    cfg = config.report.autointerp
+    if not cfg.features:
+        return None, None
+    if cfg.endpoint:
+        endpoint = autointerp.EndpointExplainer(
+            cfg.endpoint,
+            cfg.endpoint_model,
+            cfg.api_key_env,
+            cfg.max_new_tokens,
+            cfg.timeout_seconds,
+        )
+        reason = endpoint.check()
+        return (None, f"auto-interp skipped: {reason}") if reason else (endpoint, None)
+    from sae.model.generation import SteeredGenerator
+
+    if cfg.explainer:
+        uri = model_sources.resolve(cfg.explainer)
+        generator = SteeredGenerator.from_preset(uri, config.model.dtype)
+        name = cfg.explainer
+    else:
+        generator = SteeredGenerator(backbone, presets.tokenizer_proto(preset))
+        name = f"{preset} (the run's own model)"
+    return autointerp.ModelExplainer(generator, name, cfg.max_new_tokens, cfg.batch_size), None

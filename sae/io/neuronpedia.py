@@ -9,6 +9,8 @@ convert-saedashboard-to-neuronpedia-export.py) writes and its importer
         model.jsonl, release.jsonl, sourceset.jsonl, source.jsonl   one record each
         features/batch-<n>.jsonl.gz       one `Neuron` row per feature
         activations/batch-<n>.jsonl.gz    one `Activation` row per shown context
+        explanations/batch-<n>.jsonl.gz   one `Explanation` row per auto-interp explanation
+                                          (report.autointerp), when the report has any
 
 `source_id` is `<layer>-<source set>`, from which Neuronpedia reads the layer. Rows use the
 database's column names; every row of a file has the same keys (the importer takes its
@@ -31,7 +33,7 @@ from sae.errors import InputError
 from sae.io import storage
 
 # Rows per batch file (Neuronpedia's converter writes 128 features a batch).
-ROWS_PER_BATCH = {"features": 128, "activations": 4096}
+ROWS_PER_BATCH = {"features": 128, "activations": 4096, "explanations": 128}
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,36 @@ def _histogram_rows(histogram: dict[str, list[float]] | None) -> tuple[list[floa
     return [round(c, 5) for c in centres], [float(c) for c in counts]
 
 
-def _activation_id(source_id: str, feature: int, n: int) -> str:
+def _activation_id(source_id: str, feature: int, n: int | str) -> str:
     digest = hashlib.sha256(f"{source_id}/{feature}/{n}".encode()).hexdigest()
     return "c" + digest[:24]  # cuid-shaped: 25 characters, starting with c
+
+
+def _explanation(feature: dict[str, Any], where: dict[str, str], author: str) -> dict | None:
+    """The feature's auto-interp explanation as an Explanation row (None without one). Its
+    explainer and detection score go in `notes`: Neuronpedia's type and model names are rows
+    of their own tables that a bulk import cannot assume exist."""
+    record = feature.get("autointerp")
+    if not record or not record.get("explanation"):
+        return None
+    detection = record.get("detection", {})
+    score = detection.get("balanced_accuracy")
+    notes = f"gemma-sae auto-interp by {record['explainer']}"
+    if score is not None:
+        notes += (
+            f"; detection balanced accuracy {score:.3f} over {detection['examples']} held-out "
+            f"contexts ({detection['activating']} activating)"
+        )
+    index = int(where["index"])
+    return {
+        "id": _activation_id(where["layer"], index, "explanation"),
+        "modelId": where["modelId"],
+        "layer": where["layer"],
+        "index": where["index"],
+        "description": record["explanation"],
+        "authorId": author,
+        "notes": notes,
+    }
 
 
 def _activation(
@@ -93,9 +122,10 @@ def _activation(
 
 def feature_rows(
     report: dict[str, Any], source_id: str, names: ExportNames
-) -> tuple[list[dict], list[dict]]:
-    """(Neuron rows, Activation rows) of every feature of a features.json document."""
-    features, activations = [], []
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(Neuron rows, Activation rows, Explanation rows) of every feature of a features.json
+    document."""
+    features, activations, explanations = [], [], []
     for feature in report["features"]:
         index = int(feature["index"])
         where = {
@@ -127,13 +157,16 @@ def feature_rows(
             share = band["quantile_high"] - band["quantile_low"]
             bounds = (band["activation_low"], band["activation_high"], share)
             groups.append((bounds, band["samples"]))
+        explanation = _explanation(feature, where, names.creator_id)
+        if explanation is not None:
+            explanations.append(explanation)
         n = 0
         for band, contexts in groups:
             for context in contexts:
                 identity = _activation_id(source_id, index, n)
                 activations.append(_activation(context, where, identity, band))
                 n += 1
-    return features, activations
+    return features, activations, explanations
 
 
 def metadata_rows(report: dict[str, Any], source_id: str, names: ExportNames) -> dict[str, dict]:
@@ -197,11 +230,12 @@ def write_export(report: dict[str, Any], out: str, names: ExportNames) -> list[s
     (the metadata files last, so a partial export lacks them)."""
     source_id = f"{layer_of(report['run']['layer'])}-{names.source_set}"
     root = storage.join(out, names.model_id, source_id)
-    features, activations = feature_rows(report, source_id, names)
+    features, activations, explanations = feature_rows(report, source_id, names)
     if not features:
         raise InputError("features.json lists no features: nothing to export")
     written = []
-    for kind, rows in (("features", features), ("activations", activations)):
+    tables = (("features", features), ("activations", activations))
+    for kind, rows in (*tables, ("explanations", explanations)):
         size = ROWS_PER_BATCH[kind]
         for n, batch in enumerate(rows[i : i + size] for i in range(0, len(rows), size)):
             uri = storage.join(root, kind, f"batch-{n}.jsonl.gz")

@@ -61,6 +61,7 @@ class SteeredGenerator:
         self._weights = tuple([v.value for v in group] for group in self._variables)
         self.traces = 0  # how many times the generation loop was traced (compiled)
         self._generate = jax.jit(self._generate_ids, static_argnames=("layer", "top_k"))
+        self._choices = jax.jit(self._choice_logits)
 
     @classmethod
     def from_preset(cls, preset_uri: str, dtype: str = "float32") -> SteeredGenerator:
@@ -141,6 +142,22 @@ class SteeredGenerator:
         vectors = np.asarray(strengths, np.float32)[:, None] * direction[None, :]
         return self._run(token_ids, padding_mask, vectors, layer, top_k, seed)
 
+    def choice_logits(
+        self, token_ids: np.ndarray, padding_mask: np.ndarray, choices: Sequence[int]
+    ) -> np.ndarray:
+        """[batch, len(choices)] next-token logits of the token ids `choices` after each
+        row's prompt (the positions where `padding_mask`; right-padded), unsteered: how a
+        scorer reads a model's answer without generating it. Only the last prompt
+        position's logits are made (a full [batch, length, vocabulary] would not fit)."""
+        return np.asarray(
+            self._choices(
+                self._weights,
+                jnp.asarray(token_ids, jnp.int32),
+                jnp.asarray(padding_mask, bool),
+                jnp.asarray(choices, jnp.int32),
+            )
+        )
+
     def _run(self, token_ids, padding_mask, vectors, layer: int, top_k: int, seed: int):
         if not 0 <= layer < self.num_layers:
             raise InputError(f"layer {layer} is out of range (the model has {self.num_layers})")
@@ -166,6 +183,11 @@ class SteeredGenerator:
     def _forward(self, token_ids, cache, index, steer, layer: int):
         """GemmaCausalLM.call_with_cache, with `steer` ([batch, 1, hidden]) added to the
         output of block `layer`."""
+        x, cache = self._hidden(token_ids, cache, index, steer, layer)
+        return lm.final_logits(self.backbone, x), cache
+
+    def _hidden(self, token_ids, cache, index, steer, layer: int):
+        """The last block's output and the updated caches (`_forward` before the logits)."""
         import keras
 
         backbone = self.backbone
@@ -180,8 +202,7 @@ class SteeredGenerator:
             if i == layer:
                 x = x + steer.astype(x.dtype)
             caches.append(block_cache)
-        logits = backbone.token_embedding(backbone.layer_norm(x), reverse=True)
-        return logits, jnp.stack(caches, axis=1)
+        return x, jnp.stack(caches, axis=1)
 
     def _empty_cache(self, batch: int, length: int) -> jax.Array:
         b = self.backbone
@@ -197,14 +218,28 @@ class SteeredGenerator:
         return jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0]
 
     def _generate_ids(self, weights, token_ids, padding_mask, vectors, key, layer: int, top_k: int):
-        import keras
-
         self.traces += 1
         steer = vectors[:, None, :]
+        with self._bound(weights):
+            return self._loop(token_ids, padding_mask, steer, key, layer, top_k)
+
+    def _bound(self, weights):
+        """A scope in which the backbone's variables read `weights` (traced arguments)."""
+        import keras
+
         pairs = zip(self._variables, weights, strict=True)
         mapping = itertools.chain(*(zip(v, w, strict=True) for v, w in pairs))
-        with keras.StatelessScope(state_mapping=mapping):
-            return self._loop(token_ids, padding_mask, steer, key, layer, top_k)
+        return keras.StatelessScope(state_mapping=mapping)
+
+    def _choice_logits(self, weights, token_ids, padding_mask, choices):
+        batch, length = token_ids.shape
+        steer = jnp.zeros((batch, 1, self.hidden_dim), jnp.float32)
+        with self._bound(weights):
+            x, _ = self._hidden(token_ids, self._empty_cache(batch, length), 0, steer, 0)
+            last = jnp.sum(padding_mask.astype(jnp.int32), axis=-1) - 1
+            x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [batch, 1, hidden]
+            logits = lm.final_logits(self.backbone, x)[:, 0].astype(jnp.float32)
+        return logits[:, choices]
 
     def _loop(self, token_ids, padding_mask, steer, key, layer: int, top_k: int):
         batch, length = token_ids.shape

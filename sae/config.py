@@ -339,7 +339,8 @@ class AbsorptionConfig:
     # Empty: the demo's concepts (weekdays, colours, number words, names) when demo.enabled,
     # else none (the evaluation is skipped).
     concepts: list[ConceptConfig] = field(default_factory=list)
-    # Held-out sequences read for it.
+    # The first held-out sequences of the evaluation's model pass read for it (the pass goes
+    # on past report.eval_tokens until it has them); 0 switches the evaluation off.
     sequences: int = 256
     # A latent is precise for a concept when at least this share of its firings are on it.
     precise: float = 0.9
@@ -435,7 +436,7 @@ class ReportConfig:
     # residual-stream SAE: concept against cost for the feature's direction, DiffMean and a
     # random direction, at these multiples of each feature's suggested strength, on these
     # prompts, the cost over `steering_eval_sequences` held-out sequences; 0 features skips it.
-    steering_eval_features: int = 0
+    steering_eval_features: int = 2
     steering_eval_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
     steering_eval_prompts: list[str] = field(
         default_factory=lambda: ["The", "In the morning, she", "My favourite thing about it is"]

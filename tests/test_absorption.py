@@ -1,10 +1,13 @@
 """Absorption's parts on data whose answer is known: concept labels from SentencePiece pieces,
-and the best latent, coverage, split latents and absorption fraction from known firings."""
+and the best latent, coverage, split latents and absorption fraction from known firings; and
+the same evaluation fed by the report's evaluation pass on the local run."""
 
 import numpy as np
 import pytest
 
 from sae.analysis import absorption
+
+from .conftest import SMALL_SAES
 
 CONCEPTS = {"weekday": ["Monday", "Tuesday"], "colour": ["red"]}
 
@@ -55,3 +58,44 @@ def test_best_latent_split_latents_and_absorption_from_known_firings():
             "concept_split_latents": 1.0,
         }
     )
+
+
+@pytest.mark.slow
+def test_the_evaluation_pass_feeds_the_concepts(backbone, tokens, local_run):
+    """The report computes absorption from its evaluation pass (no pass of its own): fed
+    that pass's batches, going on past report.eval_tokens until it has its sequences, the
+    observer finds what a pass of its own finds, and the evaluation's metrics do not move."""
+    import itertools
+
+    import sentencepiece as spm
+
+    from sae import sharding
+    from sae.analysis import evaluation
+    from sae.data import token_shards
+    from sae.io import presets, saelens
+    from sae.model import lm
+
+    sae, params, _ = saelens.load(str(local_run / "sae" / SMALL_SAES[1]))
+    tap = lm.ActivationTap(backbone, [1], sharding.make_mesh())
+    bos = tokens["tokenizer"]["bos_id"]
+    processor = spm.SentencePieceProcessor(
+        model_proto=presets.tokenizer_proto(str(local_run / "model"))
+    )
+    concepts = {"weekday": ["Monday", "Tuesday", "Friday"], "colour": ["red", "blue", "green"]}
+    readers = {"topk": (sae, params, 0)}
+    shards = tokens["shards"]["eval"]
+    alone = absorption.concept_absorption(
+        tap, readers, itertools.islice(token_shards.iter_sequences(shards), 40),
+        processor.id_to_piece, concepts, bos_id=bos, lm_batch_size=8,
+    )  # fmt: skip
+    observer = absorption.ConceptObserver(
+        readers, processor.id_to_piece, concepts, bos_id=bos, max_sequences=40
+    )
+    models = [evaluation.EvalModel(sae, params, 0)]
+    args = (tap, 8, bos, 300, 4)  # 300 tokens: a few sequences, far fewer than 40
+    fed = evaluation.evaluate(models, token_shards.iter_sequences(shards), *args, None, [observer])
+    plain = evaluation.evaluate(models, token_shards.iter_sequences(shards), *args)
+    assert observer.done() and alone["tokens"] > 0
+    assert observer.document() == alone
+    assert fed[0].metrics == plain[0].metrics
+    assert len(fed[0].sequences) == len(plain[0].sequences) < 40

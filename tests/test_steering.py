@@ -142,6 +142,23 @@ def test_a_sweep_compiles_the_generation_loop_once(run):
     assert len(texts) > 3  # the strengths really reached the model
 
 
+def test_prompts_of_different_lengths_share_one_batch(run, generator):
+    """The steering evaluation generates every prompt with every vector in one batch: each
+    row continues as it would alone (its own prompt kept where the batch's is longer)."""
+    vectors = run["vectors"]["vectors"][:1] * np.array([[0.0], [40.0]], np.float32)
+    prompts = [PROMPT, "A", "The recipe for a cake needs four cups of"]
+    together = generator.generate_rows(
+        [generator.prompt_ids(p) for p in prompts for _ in vectors],
+        np.tile(vectors, (len(prompts), 1)),
+        1,
+        max_new_tokens=10,
+    )
+    alone = [g for p in prompts for g in generator.generate_with_vectors(p, vectors, 1, 10)]
+    assert [g.new_ids for g in together] == [g.new_ids for g in alone]
+    assert all(len(g.new_ids) <= 10 for g in together)
+    assert len({g.text for g in together}) > 2
+
+
 def test_top_k_sampling_is_seeded_and_top_1_is_greedy(run, generator):
     direction = run["vectors"]["vectors"][0]
     greedy = generator.generate(PROMPT, direction, [0.0, 20.0], 1, 16)

@@ -145,6 +145,78 @@ def _concept_summary(
     }
 
 
+class ConceptObserver:
+    """Absorption and splitting of every concept for every SAE of `saes` ({name: (sae,
+    params, index of the tapped site it reads)}), fed the model batches of a pass over
+    held-out sequences (`observe`) until it has seen `max_sequences` of them; the report's
+    evaluation pass feeds it, so the concepts cost no model pass of their own."""
+
+    def __init__(
+        self,
+        saes: dict[str, tuple[object, dict, int]],
+        id_to_piece: Callable[[int], str],
+        concepts: dict[str, Sequence[str]],
+        *,
+        bos_id: int,
+        max_sequences: int,
+        precise: float = 0.9,
+    ) -> None:
+        self.saes, self.concepts, self.bos_id = saes, concepts, bos_id
+        self.id_to_piece, self.precise = id_to_piece, precise
+        self.remaining = max_sequences
+        self.encode = {name: latent_encoder(sae, params) for name, (sae, params, _) in saes.items()}
+        self.counts = {
+            name: ConceptCounts(sae.d_sae, list(concepts)) for name, (sae, _, _) in saes.items()
+        }
+        self._pieces: dict[int, str] = {}
+
+    def done(self) -> bool:
+        return self.remaining <= 0
+
+    def _piece(self, token: int) -> str:
+        if token not in self._pieces:
+            self._pieces[token] = self.id_to_piece(int(token))
+        return self._pieces[token]
+
+    def observe(self, token_ids: np.ndarray, lengths: np.ndarray, outputs: Sequence) -> None:
+        """One model batch: token ids and lengths [batch], the tap's outputs per site; rows
+        past `max_sequences` (and empty padding rows) are left out."""
+        rows = np.flatnonzero(np.asarray(lengths) > 0)[: max(self.remaining, 0)]
+        if not len(rows):
+            return
+        self.remaining -= len(rows)
+        token_ids, lengths = token_ids[rows], lengths[rows]
+        mask = content_mask(token_ids, lengths, self.bos_id)
+        labels = [
+            label
+            for row, length, keep in zip(token_ids, lengths, mask, strict=True)
+            for label, kept in zip(
+                token_concepts([self._piece(t) for t in row[:length]], self.concepts)
+                + [None] * (len(row) - length),
+                keep,
+                strict=True,
+            )
+            if kept
+        ]
+        for name, (_, _, site) in self.saes.items():
+            activations = np.asarray(outputs[site], np.float32)[rows][mask]
+            active = np.asarray(self.encode[name](activations) > 0)
+            self.counts[name].add(active, labels)
+
+    def document(self) -> dict:
+        """The JSON document the report writes (absorption.json, less its split note)."""
+        found = {name: c.summary(self.precise) for name, c in self.counts.items()}
+        return {
+            "concepts": {
+                name: sorted({w.lower() for w in words}) for name, words in self.concepts.items()
+            },
+            "precise": self.precise,
+            "coverage": COVERAGE,
+            "tokens": next(iter(self.counts.values())).tokens if self.counts else 0,
+            "saes": found,
+        }
+
+
 def concept_absorption(
     tap,
     saes: dict[str, tuple[object, dict, int]],
@@ -156,40 +228,14 @@ def concept_absorption(
     lm_batch_size: int,
     precise: float = 0.9,
 ) -> dict:
-    """Absorption and splitting of every concept for every SAE of `saes` ({name: (sae,
-    params, index of the tapped site it reads)}), one model pass over `sequences`. Returns the
-    JSON document the report writes."""
-    encode = {name: latent_encoder(sae, params) for name, (sae, params, _) in saes.items()}
-    counts = {name: ConceptCounts(sae.d_sae, list(concepts)) for name, (sae, _, _) in saes.items()}
-    pieces_cache: dict[int, str] = {}
-
-    def piece(token: int) -> str:
-        if token not in pieces_cache:
-            pieces_cache[token] = id_to_piece(int(token))
-        return pieces_cache[token]
-
+    """ConceptObserver's document over all of `sequences`, in a model pass of its own."""
+    sequences = list(sequences)
+    observer = ConceptObserver(
+        saes, id_to_piece, concepts, bos_id=bos_id, max_sequences=len(sequences), precise=precise
+    )
     for token_ids, lengths in sequence_batches(iter(sequences), lm_batch_size):
-        mask = content_mask(token_ids, lengths, bos_id)
-        labels_per_row = [
-            token_concepts([piece(t) for t in row[:length]], concepts)
-            + [None] * (len(row) - length)
-            for row, length in zip(token_ids, lengths, strict=True)
-        ]
-        labels = [label for row, m in zip(labels_per_row, mask, strict=True) for label, keep
-                  in zip(row, m, strict=True) if keep]  # fmt: skip
-        outputs = [np.asarray(a, np.float32) for a in tap(token_ids, lengths)]
-        for name, (_, _, site) in saes.items():
-            rows = outputs[site][mask]
-            active = np.asarray(encode[name](rows) > 0)
-            counts[name].add(active, labels)
-    found = {name: c.summary(precise) for name, c in counts.items()}
-    return {
-        "concepts": {name: sorted({w.lower() for w in words}) for name, words in concepts.items()},
-        "precise": precise,
-        "coverage": COVERAGE,
-        "tokens": next(iter(counts.values())).tokens if counts else 0,
-        "saes": found,
-    }
+        observer.observe(token_ids, lengths, tap(token_ids, lengths))
+    return observer.document()
 
 
 def headline(per_concept: dict[str, dict]) -> dict[str, float]:

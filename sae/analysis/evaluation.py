@@ -10,9 +10,9 @@ that re-run the model with the SAE spliced in (CE loss recovered, delta LM loss)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -209,6 +209,14 @@ class _Accumulator:
         )
 
 
+class Observer(Protocol):
+    """Something else computed from the evaluation pass's model batches."""
+
+    def done(self) -> bool: ...
+
+    def observe(self, token_ids: np.ndarray, lengths: np.ndarray, outputs: Sequence) -> None: ...
+
+
 def evaluate(
     models: list[EvalModel],
     sequences: Iterator[tuple[np.ndarray, int]],
@@ -218,15 +226,25 @@ def evaluate(
     max_tokens: int,
     top_k: int,
     progress=None,
+    observers: Sequence[Observer] = (),
 ) -> list[EvalResult]:
     """Stream held-out sequences through the model once, and every SAE on its layer, until
-    `max_tokens` are seen."""
+    `max_tokens` are seen; `observers` (other evaluations of the same held-out text, such as
+    sae.analysis.absorption's) are fed the same model batches, the pass going on for them
+    alone until they are done."""
     accumulators = [_Accumulator(model, top_k) for model in models]
     kept: list[np.ndarray] = []
     tokens = 0
     for token_ids, lengths in sequence_batches(sequences, lm_batch_size):
-        mask = content_mask(token_ids, lengths, bos_id)
         outputs = tap(token_ids, lengths)
+        for observer in observers:
+            if not observer.done():
+                observer.observe(token_ids, lengths, outputs)
+        if tokens >= max_tokens:
+            if all(observer.done() for observer in observers):
+                break
+            continue
+        mask = content_mask(token_ids, lengths, bos_id)
         first_sequence = len(kept)
         for accumulator in accumulators:
             model = accumulator.model
@@ -236,7 +254,7 @@ def evaluate(
         tokens += int(mask.sum())
         if progress is not None:
             progress.update(int(mask.sum()))
-        if tokens >= max_tokens:
+        if tokens >= max_tokens and all(observer.done() for observer in observers):
             break
     if tokens == 0:
         raise ValueError("no evaluation tokens")

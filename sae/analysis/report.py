@@ -147,6 +147,26 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
             zip(curve_entries, read, strict=True)
         )
     ]
+    processor = spm.SentencePieceProcessor(model_proto=presets.tokenizer_proto(preset))
+    # Each final SAE with the index of the tapped site it reads (the extra passes below).
+    readers = {
+        name: (sae, params, sites.index(pair[0]))
+        for (name, (sae, params, _)), pair in zip(saes.items(), read, strict=False)
+    }
+    concepts = _concepts(config)
+    observers = []
+    if concepts and cfg.absorption.sequences:
+        # Fed the evaluation's own model batches: the concepts cost no pass of their own.
+        observers.append(
+            absorption.ConceptObserver(
+                readers,
+                processor.id_to_piece,
+                concepts,
+                bos_id=bos_id,
+                max_sequences=cfg.absorption.sequences,
+                precise=cfg.absorption.precise,
+            )
+        )
     progress = Progress("report", planned_tokens(cfg.eval_tokens, tokens_manifest))
     results = evaluation.evaluate(
         models,
@@ -157,6 +177,7 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
         cfg.eval_tokens,
         cfg.top_contexts,
         progress,
+        observers,
     )
     # Evaluation ends at the end of a model batch, so a little past the plan, or short of it
     # when the split runs out (its count includes the BOS positions, which are not
@@ -165,23 +186,14 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
     progress.close()
     results, snapshot_results = results[: len(entries)], results[len(entries) :]
     held_out = [dict(result.metrics) for result in results + snapshot_results]
-    processor = spm.SentencePieceProcessor(model_proto=presets.tokenizer_proto(preset))
     analysis_files = []
-    # Each final SAE with the index of the tapped site it reads (the extra passes below).
-    readers = {
-        name: (sae, params, sites.index(pair[0]))
-        for (name, (sae, params, _)), pair in zip(saes.items(), read, strict=False)
-    }
     if config.probing_uri:
         uri, added = _sparse_probing(config, tap, readers, processor, tokens_manifest)
         for name, result in zip(saes, results, strict=True):
             result.metrics.update(added[name])
         analysis_files = [uri]
-    concepts = _concepts(config)
-    if concepts and cfg.absorption.sequences:
-        uri, added = _concept_absorption(
-            config, concepts, tap, readers, processor, eval_shards, bos_id
-        )
+    if observers:
+        uri, added = _write_absorption(config, observers[0].document())
         for name, result in zip(saes, results, strict=True):
             result.metrics.update(added[name])
         analysis_files.append(uri)
@@ -352,28 +364,11 @@ def _concepts(config: PipelineConfig) -> dict[str, list[str]]:
     return storage.read_json(config.demo_concepts_uri)
 
 
-def _concept_absorption(
-    config: PipelineConfig,
-    concepts: dict[str, list[str]],
-    tap: lm.ActivationTap,
-    readers: dict[str, tuple],
-    processor: spm.SentencePieceProcessor,
-    eval_shards: list[str],
-    bos_id: int,
+def _write_absorption(
+    config: PipelineConfig, found: dict
 ) -> tuple[str, dict[str, dict[str, float]]]:
-    """report/absorption.json (sae.analysis.absorption): its URI and each SAE's means over
-    the concepts."""
-    cfg = config.report.absorption
-    found = absorption.concept_absorption(
-        tap,
-        readers,
-        itertools.islice(iter_sequences(eval_shards), cfg.sequences),
-        processor.id_to_piece,
-        concepts,
-        bos_id=bos_id,
-        lm_batch_size=config.train.lm_batch_size,
-        precise=cfg.precise,
-    )
+    """report/absorption.json (sae.analysis.absorption's document): its URI and each SAE's
+    means over the concepts."""
     uri = storage.join(config.report_uri, "absorption.json")
     storage.write_json(uri, {"split": "eval (held out by tokenize; never trained on)", **found})
     added = {name: absorption.headline(per_concept) for name, per_concept in found["saes"].items()}

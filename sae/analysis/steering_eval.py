@@ -193,16 +193,19 @@ def _concept(generator, tap, sae, feature, layer, prompts, vectors, max_new_toke
     prompt's generated tokens, the token count, and the first prompt's continuation."""
     rows = len(vectors)
     fired, total, counted = np.zeros(rows), np.zeros(rows), np.zeros(rows, np.int64)
-    samples: list[str] = []
     prompt_ids = [generator.prompt_ids(p) for p in prompts]
-    # One fixed shape for every prompt: the tap compiles once.
+    # Every prompt with every vector in one generation batch (one compiled loop), then one
+    # fixed shape for every prompt's re-read: the tap compiles once.
+    everything = generator.generate_rows(
+        [ids for ids in prompt_ids for _ in range(rows)],
+        np.tile(vectors, (len(prompts), 1)),
+        layer,
+        max_new_tokens=max_new_tokens,
+    )
+    samples = [g.text for g in everything[:rows]]
     length = max(len(ids) for ids in prompt_ids) + max_new_tokens
-    for index, prompt in enumerate(prompts):
-        generations = generator.generate_with_vectors(
-            prompt, vectors, layer, max_new_tokens=max_new_tokens
-        )
-        if index == 0:
-            samples = [g.text for g in generations]
+    for index in range(len(prompts)):
+        generations = everything[index * rows : (index + 1) * rows]
         token_ids = np.zeros((rows, length), np.int32)
         lengths = np.zeros(rows, np.int32)
         for row, g in enumerate(generations):

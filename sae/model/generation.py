@@ -106,13 +106,35 @@ class SteeredGenerator:
     ) -> list[Generation]:
         """One continuation of `prompt` per row of `vectors` [rows, hidden] (each row's own
         steering vector, zeros for none); a Generation's strength is its vector's norm."""
-        ids = self.prompt_ids(prompt)
         vectors = np.asarray(vectors, np.float32).reshape(-1, self.hidden_dim)
-        token_ids, padding_mask = self.padded(ids, len(vectors), max_new_tokens)
+        ids = self.prompt_ids(prompt)
+        return self.generate_rows([ids] * len(vectors), vectors, layer, max_new_tokens, top_k, seed)
+
+    def generate_rows(
+        self,
+        prompt_ids: Sequence[list[int]],
+        vectors: np.ndarray,
+        layer: int,
+        max_new_tokens: int = 32,
+        top_k: int = 0,
+        seed: int = 0,
+    ) -> list[Generation]:
+        """One batch: row i continues `prompt_ids[i]` (BOS included) steered by `vectors[i]`,
+        for up to `max_new_tokens` (prompts of different lengths share the batch, each row's
+        own prompt kept where it is longer), so a sweep over prompts and vectors is one
+        compiled loop."""
+        vectors = np.asarray(vectors, np.float32).reshape(-1, self.hidden_dim)
+        length = max(len(ids) for ids in prompt_ids) + max_new_tokens
+        token_ids = np.zeros((len(prompt_ids), length), np.int32)
+        padding_mask = np.zeros(token_ids.shape, bool)
+        for row, ids in enumerate(prompt_ids):
+            token_ids[row, : len(ids)], padding_mask[row, : len(ids)] = ids, True
         out = self._run(token_ids, padding_mask, vectors, layer, top_k, seed)
         return [
-            self._decoded(float(np.linalg.norm(vector)), ids, row)
-            for vector, row in zip(vectors, out, strict=True)
+            self._decoded(
+                float(np.linalg.norm(vector)), list(ids), row[: len(ids) + max_new_tokens]
+            )
+            for ids, vector, row in zip(prompt_ids, vectors, out, strict=True)
         ]
 
     def padded(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import random
 from typing import Any
 
@@ -498,14 +497,7 @@ def _evaluate_steering(
     sae = saelens.Sae(*entry)
     chosen, _, strengths = _steering_choice(cfg, sae.weights, result)
     generator = SteeredGenerator(backbone, presets.tokenizer_proto(sae.cfg["model_preset"]))
-    # Enough held-out sequences for the cost and for DiffMean's 20k tokens.
-    diffmean = 20_000 // int(tokens_manifest["sequence_length"]) + 1
-    held_out = list(
-        itertools.islice(
-            iter_sequences(tokens_manifest["shards"]["eval"]),
-            max(cfg.steering_eval_sequences, diffmean),
-        )
-    )
+    held_out = steering_eval.held_out_sequences(tokens_manifest, cfg.steering_eval_sequences)
     bos_id = tokens_manifest["tokenizer"]["bos_id"]
     evaluations = []
     for feature, strength in list(zip(chosen, strengths, strict=True))[

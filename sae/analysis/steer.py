@@ -9,16 +9,14 @@ of `gemma-sae steer`, which calls `steer`.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from sae.analysis import steering
+from sae.analysis import steering, steering_eval
 from sae.analysis.steering_eval import SteeringEvaluation, evaluate_steering
-from sae.data.token_shards import iter_sequences
 from sae.errors import ConfigError, InputError
 from sae.io import manifest, model_sources, presets, saelens, storage
 from sae.io.saelens import Sae
@@ -130,7 +128,7 @@ def evaluate(
     max_new_tokens: int = 24,
     top_k: int = 0,
     cost_sequences: int = 16,
-    diffmean_tokens: int = 20_000,
+    diffmean_tokens: int = steering_eval.DIFFMEAN_TOKENS,
     max_ce_increase: float = 0.5,
     allow_layer_mismatch: bool = False,
     seed: int = 0,
@@ -158,8 +156,7 @@ def evaluate(
     tokens = manifest.require(tokens_uri, "tokenize")
     if not tokens["shards"]["eval"]:
         raise InputError(f"--evaluate needs a held-out split; {tokens_uri} has none")
-    wanted = max(cost_sequences, diffmean_tokens // int(tokens["sequence_length"]) + 1)
-    held_out = list(itertools.islice(iter_sequences(tokens["shards"]["eval"]), wanted))
+    held_out = steering_eval.held_out_sequences(tokens, cost_sequences, diffmean_tokens)
     log("steer", f"loading {plan.preset}")
     generator = SteeredGenerator.from_preset(plan.preset, dtype)
     return evaluate_steering(

@@ -26,6 +26,7 @@ The unsteered model is the reference row (strength 0).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ import numpy as np
 
 from sae import sharding
 from sae.data.activations import content_mask, sequence_batches
+from sae.data.token_shards import iter_sequences
 from sae.errors import InputError
 from sae.io.saelens import Sae
 from sae.model import lm, spliced
@@ -113,6 +115,19 @@ def diffmean_direction(
     return (direction / np.linalg.norm(direction)).astype(np.float32), counts[True]
 
 
+# Held-out tokens averaged for a feature's DiffMean direction.
+DIFFMEAN_TOKENS = 20_000
+
+
+def held_out_sequences(
+    tokens_manifest: dict, cost_sequences: int, diffmean_tokens: int = DIFFMEAN_TOKENS
+) -> list[tuple[np.ndarray, int]]:
+    """Enough of a tokenize output's held-out sequences for the cost and for DiffMean."""
+    per_sequence = int(tokens_manifest["sequence_length"])
+    wanted = max(cost_sequences, diffmean_tokens // per_sequence + 1)
+    return list(itertools.islice(iter_sequences(tokens_manifest["shards"]["eval"]), wanted))
+
+
 def evaluate_steering(
     generator: SteeredGenerator,
     sae: Sae,
@@ -125,7 +140,7 @@ def evaluate_steering(
     *,
     lm_batch_size: int = 8,
     cost_sequences: int = 16,
-    diffmean_tokens: int = 20_000,
+    diffmean_tokens: int = DIFFMEAN_TOKENS,
     max_new_tokens: int = 24,
     max_ce_increase: float = 0.5,
     seed: int = 0,

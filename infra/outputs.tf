@@ -84,3 +84,22 @@ output "retrain_schedule" {
   description = "When Cloud Scheduler runs the retraining trigger (null unless retrain_source is set)."
   value       = local.retrain_enabled ? "${google_cloud_scheduler_job.retrain[0].schedule} (${google_cloud_scheduler_job.retrain[0].time_zone})" : null
 }
+
+output "dataflow_service_account_email" {
+  description = "Service account that the tokenize stage's Dataflow workers run as."
+  value       = google_service_account.dataflow_worker.email
+}
+
+output "dataflow_tokenize_overrides" {
+  description = "Config overrides that run the tokenize stage on Dataflow with this infrastructure: the worker account, the private subnetwork (no public IPs), the worker image cloudbuild.yaml pushes and temp space in the bucket."
+  value = join(" ", [
+    "tokenize.runner=dataflow",
+    "tokenize.dataflow.project=${var.project_id}",
+    "tokenize.dataflow.region=${var.region}",
+    "tokenize.dataflow.temp_location=${google_storage_bucket.data.url}/dataflow/tmp",
+    "tokenize.dataflow.service_account_email=${google_service_account.dataflow_worker.email}",
+    "tokenize.dataflow.subnetwork=regions/${var.region}/subnetworks/${google_compute_subnetwork.tpu.name}",
+    "tokenize.dataflow.no_use_public_ips=true",
+    "tokenize.dataflow.sdk_container_image=${local.repository_url}/${var.image_name}-dataflow:latest",
+  ])
+}

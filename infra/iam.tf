@@ -16,11 +16,32 @@ resource "google_service_account" "tpu_runtime" {
   depends_on = [google_project_service.enabled]
 }
 
-# Objects only (get, list, create, update, delete), on this bucket only; no bucket admin.
+# Objects only (get, list, create, update, delete), on this bucket only; no bucket admin; and
+# not the two objects the retraining build trusts: LATEST (which the build moves) and the
+# build's lock (templates/retrain.sh.tftpl).
 resource "google_storage_bucket_iam_member" "tpu_runtime_objects" {
   bucket = google_storage_bucket.data.name
   role   = "roles/storage.objectUser"
   member = local.tpu_runtime_member
+
+  condition {
+    title       = "not-latest-or-lock"
+    description = "Every object but the retraining LATEST pointer and lock."
+    expression  = "resource.name != \"${local.retrain_latest_object}\" && resource.name != \"${local.retrain_lock_object}\""
+  }
+}
+
+# LATEST is read (the run warm-starts from it), never written, by the TPU workers.
+resource "google_storage_bucket_iam_member" "tpu_runtime_reads_latest" {
+  bucket = google_storage_bucket.data.name
+  role   = "roles/storage.objectViewer"
+  member = local.tpu_runtime_member
+
+  condition {
+    title       = "retrain-latest-only"
+    description = "Only the retraining LATEST pointer."
+    expression  = "resource.name == \"${local.retrain_latest_object}\""
+  }
 }
 
 resource "google_artifact_registry_repository_iam_member" "tpu_runtime_reader" {
@@ -105,7 +126,21 @@ resource "google_storage_bucket_iam_member" "orchestrator_retrain_lock" {
   condition {
     title       = "retrain-lock-only"
     description = "Only the retraining lock object."
-    expression  = "resource.name == \"projects/_/buckets/${google_storage_bucket.data.name}/objects/${var.retrain_status_prefix}LOCK\""
+    expression  = "resource.name == \"${local.retrain_lock_object}\""
+  }
+}
+
+# The build moves LATEST when a run asks for it (PROMOTE) and has succeeded, and removes the
+# request: these two objects, nothing else.
+resource "google_storage_bucket_iam_member" "orchestrator_retrain_pointers" {
+  bucket = google_storage_bucket.data.name
+  role   = "roles/storage.objectUser"
+  member = local.orchestrator_member
+
+  condition {
+    title       = "retrain-latest-and-promote-only"
+    description = "Only the retraining LATEST pointer and its promotion request."
+    expression  = "resource.name == \"${local.retrain_latest_object}\" || resource.name == \"${local.retrain_promote_object}\""
   }
 }
 

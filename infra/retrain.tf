@@ -12,14 +12,21 @@ locals {
   retrain_status_prefix = "${google_storage_bucket.data.url}/${trimsuffix(var.retrain_status_prefix, "/")}"
   retrain_deadline_s    = var.retrain_timeout_hours * 3600
   retrain_by_repository = startswith(var.retrain_source, "projects/")
+  retrain_promotes      = var.retrain_stage == "retrain"
+  # IAM condition names of the objects only the orchestrator writes (iam.tf).
+  retrain_object_prefix  = "projects/_/buckets/${google_storage_bucket.data.name}/objects/"
+  retrain_latest_object  = "${local.retrain_object_prefix}${trimprefix(local.retrain_workdir, "${google_storage_bucket.data.url}/")}/LATEST"
+  retrain_promote_object = "${local.retrain_object_prefix}${trimprefix(local.retrain_workdir, "${google_storage_bucket.data.url}/")}/PROMOTE"
+  retrain_lock_object    = "${local.retrain_object_prefix}${var.retrain_status_prefix}LOCK"
 
   retrain_startup_script = templatefile("${path.module}/../jobs/cloud/templates/tpu_startup.sh.tftpl", {
     image         = "${local.repository_url}/${var.image_name}:${var.retrain_image_tag}"
     stage         = var.retrain_stage
     config        = var.retrain_config
     config_base64 = ""
-    overrides     = join(" ", var.retrain_overrides)
-    workdir       = local.retrain_workdir
+    # The runtime account may not write LATEST: the retrain stage asks the build to move it.
+    overrides = join(" ", concat(local.retrain_promotes ? ["--promotion-request"] : [], var.retrain_overrides))
+    workdir   = local.retrain_workdir
     # Rendered once: each attempt's status prefix comes from the gemma-sae-status metadata.
     status_uri = ""
     # A stage that exits 75 ends the attempt: retrain.sh requests a new slice, and the run
@@ -40,6 +47,8 @@ locals {
     status_prefix    = local.retrain_status_prefix
     max_attempts     = var.retrain_max_attempts
     deadline_seconds = local.retrain_deadline_s
+    promote          = local.retrain_promotes ? "${local.retrain_workdir}/PROMOTE" : ""
+    latest           = "${local.retrain_workdir}/LATEST"
   })
 
   # Both scripts travel base64-encoded, so Cloud Build substitutions ($VAR) leave them alone.
@@ -90,6 +99,7 @@ resource "google_cloudbuild_trigger" "retrain" {
     google_service_account_iam_member.orchestrator_acts_as_tpu_runtime,
     google_storage_bucket_iam_member.orchestrator_status_reader,
     google_storage_bucket_iam_member.orchestrator_retrain_lock,
+    google_storage_bucket_iam_member.orchestrator_retrain_pointers,
   ]
 }
 

@@ -307,6 +307,7 @@ def test_service_accounts_have_least_privilege() -> None:
     assert _grants() == {
         "tpu_runtime": {
             ("bucket:data", "roles/storage.objectUser"),
+            ("bucket:data", "roles/storage.objectViewer"),
             ("repository", "roles/artifactregistry.reader"),
             ("project", "roles/logging.logWriter"),
             ("project", "roles/monitoring.metricWriter"),
@@ -342,15 +343,37 @@ def test_service_accounts_have_least_privilege() -> None:
         r'/objects/\$\{var\.retrain_status_prefix\}\\"\)',
         condition["expression"],
     ), condition["expression"]
-    # ...and writes one object: the retraining lock.
-    (condition,) = resources["google_storage_bucket_iam_member", "orchestrator_retrain_lock"][
-        "condition"
+    # ...and writes three objects: the retraining lock, LATEST and the promotion request.
+    objects = "projects/_/buckets/${google_storage_bucket.data.name}/objects/"
+    assert _locals()["retrain_object_prefix"] == objects
+    base = '${trimprefix(local.retrain_workdir, "${google_storage_bucket.data.url}/")}'
+    lock, latest, promote = (
+        "${local.retrain_object_prefix}${var.retrain_status_prefix}LOCK",
+        f"${{local.retrain_object_prefix}}{base}/LATEST",
+        f"${{local.retrain_object_prefix}}{base}/PROMOTE",
+    )
+    assert [_locals()[f"retrain_{n}_object"] for n in ("lock", "latest", "promote")] == [
+        lock,
+        latest,
+        promote,
     ]
-    assert re.fullmatch(
-        r'resource\.name == \\"projects/_/buckets/\$\{google_storage_bucket\.data\.name\}'
-        r'/objects/\$\{var\.retrain_status_prefix\}LOCK\\"',
-        condition["expression"],
-    ), condition["expression"]
+
+    def condition_of(name: str) -> str:
+        (condition,) = resources["google_storage_bucket_iam_member", name]["condition"]
+        return condition["expression"]
+
+    def named(local: str) -> str:
+        return f'\\"${{local.retrain_{local}_object}}\\"'
+
+    assert condition_of("orchestrator_retrain_lock") == f"resource.name == {named('lock')}"
+    assert condition_of("orchestrator_retrain_pointers") == (
+        f"resource.name == {named('latest')} || resource.name == {named('promote')}"
+    )
+    # The TPU workers may read LATEST but write neither it nor the lock.
+    assert condition_of("tpu_runtime_objects") == (
+        f"resource.name != {named('latest')} && resource.name != {named('lock')}"
+    )
+    assert condition_of("tpu_runtime_reads_latest") == f"resource.name == {named('latest')}"
     # The custom roles hold only TPU node permissions (create and delete among them) and only
     # the permission to start builds.
     permissions = _var_default(
@@ -590,6 +613,8 @@ RETRAIN_VALUES = {
     "status_prefix": "gs://my-bucket/retrain-status",
     "max_attempts": "3",
     "deadline_seconds": "3600",
+    "promote": "gs://my-bucket/retrain/PROMOTE",
+    "latest": "gs://my-bucket/retrain/LATEST",
 }
 
 
@@ -851,6 +876,8 @@ GCLOUD_TPU_STUB = """
             code, err = 1, "ERROR: (gcloud) NOT_FOUND: 404 object not found"
     elif args[:2] == ["storage", "cat"] and args[2] in objects:
         out = objects[args[2]]["data"].strip()
+    elif args[:2] == ["storage", "cat"] and "/worker-" not in args[2]:
+        code, err = 1, "ERROR: (gcloud) NOT_FOUND: 404 object not found"
     elif args[:2] == ["storage", "cat"]:
         qr, uri = state["qr"], args[2]
         name = uri.rsplit("/", 1)[1]  # worker-N.json, or worker-N.log beside it
@@ -859,6 +886,11 @@ GCLOUD_TPU_STUB = """
         # The lock test holds the first run's workers until the second run is over.
         finished = finished and not os.path.exists(STATE + ".hold")
         failed = state["scenario"] == "failed" and worker == 1
+        if finished and state.get("promote") and not failed:
+            # A good `retrain --promotion-request` asks for its run, at the LATEST it read.
+            run, read = state.pop("promote")
+            request = {"data": f"{run} {read}\\n", "generation": 7}
+            objects["gs://my-bucket/retrain/PROMOTE"] = request
         if not finished:
             code = 1
         elif name.endswith(".log"):
@@ -971,6 +1003,53 @@ def test_an_expired_lock_and_a_leaked_slice_are_taken_over(tmp_path) -> None:
     final = json.loads(state_file.read_text())
     assert final["attempts"] == 1 and final["deleted"] == 2  # the leaked slice, then ours
     assert LOCK_URI not in final["objects"]
+
+
+LATEST_URI, PROMOTE_URI = RETRAIN_VALUES["latest"], RETRAIN_VALUES["promote"]
+
+
+def test_the_build_not_the_tpu_moves_latest(tmp_path) -> None:
+    """The workers' `retrain --promotion-request` asks for its run (PROMOTE); once every
+    worker exited 0 the build writes LATEST, only at the generation the run read, and
+    removes the request. A request older than this build is removed before any slice."""
+    stale = {PROMOTE_URI: {"data": "20261130-030000 0\n", "generation": 3}}
+    result, state_file = _run_retrain_script(
+        "finished", tmp_path, objects=stale, promote=["20261207-030000", 0]
+    )
+    assert result.returncode == 0, result.stderr
+    assert "LATEST names run 20261207-030000" in result.stderr
+    final = json.loads(state_file.read_text())
+    assert final["objects"][LATEST_URI]["data"].strip() == "20261207-030000"
+    assert PROMOTE_URI not in final["objects"]
+    calls = [call[1:] for call in final["calls"]]
+    removed = calls.index(["storage", "rm", PROMOTE_URI])
+    created = next(
+        i for i, c in enumerate(calls) if c[:4] == ["compute", "tpus", "queued-resources", "create"]
+    )
+    assert removed < created  # the stale request went first
+    [write] = [c for c in calls if c[:2] == ["storage", "cp"] and c[-1] == LATEST_URI]
+    assert write[2] == "--if-generation-match=0"  # as the run read it: no LATEST yet
+
+
+def test_a_run_whose_latest_moved_meanwhile_is_not_promoted(tmp_path) -> None:
+    """LATEST changed after the run read it (generation 5, the run read 3): the build leaves
+    it, says why and fails."""
+    latest = {LATEST_URI: {"data": "20261201-030000\n", "generation": 5}}
+    result, state_file = _run_retrain_script(
+        "finished", tmp_path, objects=latest, promote=["20261207-030000", 3]
+    )
+    assert result.returncode == 1
+    assert "run 20261207-030000 finished but is not LATEST" in result.stderr
+    final = json.loads(state_file.read_text())
+    assert final["objects"][LATEST_URI]["data"].strip() == "20261201-030000"
+
+
+def test_a_good_run_without_a_request_leaves_latest(tmp_path) -> None:
+    """Nothing new (the run wrote no PROMOTE): LATEST stays, the build succeeds."""
+    result, state_file = _run_retrain_script("finished", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "no promotion request: LATEST stays" in result.stderr
+    assert LATEST_URI not in json.loads(state_file.read_text()).get("objects", {})
 
 
 def test_a_live_slice_of_another_build_is_not_deleted(tmp_path) -> None:

@@ -368,3 +368,18 @@ def test_a_run_finishing_after_another_moved_latest_does_not_undo_it(tmp_path, m
     last = printed.strip().splitlines()[-1]
     assert "is not LATEST" in last and "now names run 20991231-000000" in last, printed
     assert retrain.read_latest(str(base)) == "20991231-000000"
+
+
+def test_a_promotion_request_leaves_latest_to_the_build(tmp_path, monkeypatch):
+    """--promotion-request (the scheduled retraining, whose TPU account may not write LATEST):
+    the run writes PROMOTE, its name and the LATEST version it read, and LATEST stays."""
+    base, corpus = _stage_free(tmp_path)
+    storage.write_text(storage.join(str(base), retrain.LATEST), "")  # read as "no run yet"
+    _, version = storage.read_versioned(storage.join(str(base), retrain.LATEST))
+    monkeypatch.setattr(retrain, "_run_steps", lambda *a, **k: None)
+    code, printed = _retrain(base, corpus, "--promotion-request")
+    assert code == 0, printed
+    (run,) = _runs(base)
+    assert (base / retrain.PROMOTE).read_text() == f"{run} {version}\n"
+    assert (base / retrain.LATEST).read_text() == ""
+    assert f"done: run {run} finished; PROMOTE asks the build to make it LATEST" in printed

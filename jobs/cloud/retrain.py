@@ -17,7 +17,11 @@ The config's `workdir` is the base. Each run is a whole pipeline workdir
 3. trains warm-started from LATEST's SAEs (`train.init_from`: the final checkpoint's weights
    and input scale; the optimizer state and learning-rate schedule start afresh);
 4. writes LATEST last, after every manifest of the run. A failed run writes `<run>/FAILED`
-   (its one-line error) and leaves LATEST and every earlier run as they were.
+   (its one-line error) and leaves LATEST and every earlier run as they were. With
+   `--promotion-request` (the scheduled retraining) it writes `<base>/PROMOTE` instead, the run
+   and the LATEST version it read ("RUN VERSION"), and the retraining build moves LATEST once
+   every worker has succeeded (infra/templates/retrain.sh.tftpl): the TPU runtime account may
+   read LATEST but not write it.
 
 Both pointers (LATEST, and STARTED below) are rewritten only if they are as this run read them
 (a generation precondition on GCS): of two retrains at once, one starts a run, and a run that
@@ -55,6 +59,7 @@ from sae.sharding import init_distributed
 RUNS = "runs"
 LATEST = "LATEST"
 STARTED = "STARTED"
+PROMOTE = "PROMOTE"
 RECORD = "retrain.json"
 FAILED = "FAILED"
 _STAMP = "%Y%m%d-%H%M%S"
@@ -100,13 +105,24 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train from scratch (train.init_from as configured), e.g. after changing the SAEs",
     )
+    parser.add_argument(
+        "--promotion-request",
+        action="store_true",
+        help="leave LATEST to the retraining build: on success write BASE/PROMOTE ('RUN "
+        "VERSION') instead, which it turns into LATEST once every worker succeeded",
+    )
     return parser
 
 
 def main(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     init_distributed()
-    retrain(load(args.config, args.overrides), force=args.force, cold=args.cold)
+    retrain(
+        load(args.config, args.overrides),
+        force=args.force,
+        cold=args.cold,
+        promotion_request=args.promotion_request,
+    )
 
 
 def run_uri(base: str, name: str) -> str:
@@ -135,8 +151,12 @@ def _write_pointer(uri: str, name: str, version: str, clash: str) -> None:
         ) from None
 
 
-def retrain(config: PipelineConfig, force: bool = False, cold: bool = False) -> str | None:
-    """One run under `config.workdir`: its name, or None when nothing was new."""
+def retrain(
+    config: PipelineConfig, force: bool = False, cold: bool = False, promotion_request: bool = False
+) -> str | None:
+    """One run under `config.workdir`: its name, or None when nothing was new.
+    `promotion_request`: on success write `<base>/PROMOTE` for the retraining build to make
+    the run LATEST, rather than writing LATEST."""
     _check_outputs_stay_in_the_run(config)
     plan = _shared_plan(config, force, cold)
     base, name, latest = config.workdir, plan["run"], plan["latest"]
@@ -176,6 +196,12 @@ def retrain(config: PipelineConfig, force: bool = False, cold: bool = False) -> 
             raise failed from None
         raise failed from error
     _sync("retrain: every stage finished")
+    if promotion_request:
+        if _primary():
+            request = f"{name} {plan['latest_version']}\n"
+            storage.write_text(storage.join(base, PROMOTE), request)
+        log("retrain", f"done: run {name} finished; {PROMOTE} asks the build to make it LATEST")
+        return name
     if _primary():
         _write_pointer(
             storage.join(base, LATEST),

@@ -103,6 +103,15 @@ resource "google_service_account_iam_member" "orchestrator_acts_as_tpu_runtime" 
   member             = local.orchestrator_member
 }
 
+# The retraining build resolves the image tag the slice runs to its digest (retrain.sh.tftpl).
+resource "google_artifact_registry_repository_iam_member" "orchestrator_reader" {
+  project    = google_artifact_registry_repository.images.project
+  location   = google_artifact_registry_repository.images.location
+  repository = google_artifact_registry_repository.images.name
+  role       = "roles/artifactregistry.reader"
+  member     = local.orchestrator_member
+}
+
 # The retraining build reads the exit codes that the workers write; nothing else in the bucket.
 resource "google_storage_bucket_iam_member" "orchestrator_status_reader" {
   bucket = google_storage_bucket.data.name

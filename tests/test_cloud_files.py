@@ -26,11 +26,13 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +316,7 @@ def test_service_accounts_have_least_privilege() -> None:
         },
         "orchestrator": {
             ("project", "custom:tpu_orchestrator"),
+            ("repository", "roles/artifactregistry.reader"),
             ("project", "roles/logging.logWriter"),
             ("service_account:tpu_runtime", "roles/iam.serviceAccountUser"),
             ("bucket:data", "roles/storage.objectViewer"),
@@ -819,7 +822,12 @@ GCLOUD_TPU_STUB = """
         have = objects[uri]["generation"] if uri in objects else 0
         return want is None or int(want) == have
 
-    if args[:3] == ["compute", "tpus", "queued-resources"]:
+    if args[:4] == ["artifacts", "docker", "images", "describe"]:
+        if state["scenario"] == "unpushed":
+            code, err = 1, "ERROR: (gcloud.artifacts.docker.images.describe) NOT_FOUND: 404"
+        else:
+            out = "sha256:" + "ab" * 32
+    elif args[:3] == ["compute", "tpus", "queued-resources"]:
         verb, qr = args[3], state["qr"]
         state["describes"] = state.get("describes", 0) + (verb == "describe")
         fields = flags.get("format", "")
@@ -852,6 +860,9 @@ GCLOUD_TPU_STUB = """
             labels = dict(kv.split("=", 1) for kv in flags.get("labels", "").split(",") if kv)
             state["qr"] = {"attempt": state["attempts"], "polls": 0, "status": status}
             state["qr"]["labels"] = labels
+            script = flags["metadata-from-file"].split("=", 1)[1]
+            images = [l for l in open(script).read().splitlines() if l.startswith("IMAGE=")]
+            state.setdefault("images", []).extend(images)
         elif verb == "delete":
             state["qr"] = None
             state["deleted"] = state.get("deleted", 0) + 1
@@ -918,6 +929,8 @@ def _retrain_script_env(scenario: str, tmp_path: Path, **state: Any) -> tuple[di
     state_file.write_text(json.dumps(initial))
     script = tmp_path / "retrain.sh"
     script.write_text(_render(RETRAIN_TEMPLATE, RETRAIN_VALUES))
+    startup = tmp_path / "startup.sh"  # what retrain.tf renders for the workers (its IMAGE line)
+    startup.write_text(f"#!/bin/bash\nIMAGE='{RETRAIN_IMAGE}'\nSTAGE='retrain'\n")
     env = {
         **os.environ,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
@@ -931,7 +944,7 @@ def _run_retrain_script(scenario: str, tmp_path: Path, **state: Any) -> tuple[An
     """retrain.sh against the fake gcloud in `scenario`; (the finished process, its state)."""
     env, script, state_file = _retrain_script_env(scenario, tmp_path, **state)
     result = subprocess.run(
-        ["bash", str(script), "/workspace/startup.sh"],
+        ["bash", str(script), str(tmp_path / "startup.sh")],
         env=env,
         capture_output=True,
         text=True,
@@ -941,6 +954,7 @@ def _run_retrain_script(scenario: str, tmp_path: Path, **state: Any) -> tuple[An
 
 
 LOCK_URI = "gs://my-bucket/retrain-status/LOCK"
+RETRAIN_IMAGE = "us-west4-docker.pkg.dev/my-project/gemma-sae/gemma-sae:latest"
 
 
 def test_a_second_retrain_build_exits_and_touches_nothing_of_the_first(tmp_path) -> None:
@@ -949,7 +963,7 @@ def test_a_second_retrain_build_exits_and_touches_nothing_of_the_first(tmp_path)
     and written nothing; the first then finishes, deletes its slice and releases the lock."""
     env, script, state_file = _retrain_script_env("finished", tmp_path)
     (tmp_path / "state.json.hold").touch()  # the first run's workers do not finish yet
-    command = ["bash", str(script), "/workspace/startup.sh"]
+    command = ["bash", str(script), str(tmp_path / "startup.sh")]
     first = subprocess.Popen(
         command, env={**env, "RUN_ID": "build-a"}, stderr=subprocess.PIPE, text=True
     )
@@ -1044,6 +1058,44 @@ def test_a_run_whose_latest_moved_meanwhile_is_not_promoted(tmp_path) -> None:
     assert final["objects"][LATEST_URI]["data"].strip() == "20261201-030000"
 
 
+def test_an_image_tag_that_names_nothing_requests_no_slice(tmp_path) -> None:
+    """The tag the workers would run is not in the registry: the build says so and stops
+    before any slice, releasing its lock."""
+    result, state_file = _run_retrain_script("unpushed", tmp_path)
+    assert result.returncode == 1
+    assert f"cannot resolve {RETRAIN_IMAGE} to a digest" in result.stderr
+    final = json.loads(state_file.read_text())
+    assert final["attempts"] == 0 and LOCK_URI not in final.get("objects", {})
+
+
+@pytest.mark.skipif(shutil.which("gcloud") is None, reason="gcloud is not installed")
+def test_every_gcloud_command_of_the_retraining_build_is_well_formed(tmp_path) -> None:
+    """Each distinct gcloud command retrain.sh ran against the fake (lock, pin, slice, wait,
+    promotion, cleanup), given to the real gcloud with no credentials: none is an argument
+    error (exit 2); each gets as far as asking for credentials."""
+    from .test_submit import _AUTH, _gcloud
+
+    result, state_file = _run_retrain_script("finished", tmp_path, promote=["20261207-0300", 0])
+    assert result.returncode == 0, result.stderr
+    seen: dict[tuple[str, ...], list[str]] = {}
+    for call in json.loads(state_file.read_text())["calls"]:
+        argv = call[1:]
+        # One of each command: the verbs with their flag names, not their values.
+        shape = tuple(a.split("=", 1)[0] for a in argv if a.startswith("-")) + tuple(argv[:4])
+        seen.setdefault(shape, argv)
+    commands = [["gcloud", *argv] for argv in seen.values()]
+    assert len(commands) >= 8
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda a: _gcloud(a, tmp_path / "gcloud"), commands))
+    for argv, done in zip(commands, results, strict=True):
+        # Local files (the temporary lock and pointer files) are gone: point at a real one.
+        assert done.returncode != 2, (shlex.join(argv), done.stderr)
+        assert _AUTH.search(done.stderr) or "does not exist" in done.stderr, (
+            shlex.join(argv),
+            done.stderr,
+        )
+
+
 def test_a_good_run_without_a_request_leaves_latest(tmp_path) -> None:
     """Nothing new (the run wrote no PROMOTE): LATEST stays, the build succeeds."""
     result, state_file = _run_retrain_script("finished", tmp_path)
@@ -1109,7 +1161,6 @@ def test_retrain_script_requests_waits_for_and_deletes_the_slice(
             "--internal-ips",
             "--network=gemma-sae",
             "--subnetwork=gemma-sae",
-            "--metadata-from-file=startup-script=/workspace/startup.sh",
             "--spot",
             "--project=my-project",
             "--zone=us-west4-a",
@@ -1119,6 +1170,17 @@ def test_retrain_script_requests_waits_for_and_deletes_the_slice(
         assert f"--metadata=gemma-sae-status={status},enable-oslogin=TRUE" in create
         (labels,) = [a for a in create if a.startswith("--labels=")]
         assert re.fullmatch(r"--labels=gemma_sae_owner=build-123,gemma_sae_deadline=\d+", labels)
+        assert any(a.startswith("--metadata-from-file=startup-script=") for a in create)
+    # Every attempt's workers run the digest the tag named when the build began, looked up once.
+    pinned = "us-west4-docker.pkg.dev/my-project/gemma-sae/gemma-sae@sha256:" + "ab" * 32
+    assert final["images"] == [f"IMAGE='{pinned}'"] * attempts
+    describes = [
+        c for c in final["calls"] if c[:4] == ["artifacts", "docker", "images", "describe"]
+    ]
+    assert describes == [
+        ["artifacts", "docker", "images", "describe", RETRAIN_IMAGE,
+         "--format=value(image_summary.digest)"]
+    ]  # fmt: skip
     if scenario != "preempted":  # both workers of the v5litepod-16 slice were asked
         cats = {c[2] for c in final["calls"] if c[:2] == ["storage", "cat"]}
         assert {f"{status}/worker-0.json", f"{status}/worker-1.json"} <= cats

@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from jobs import cli
-from jobs.cloud import startup_script, submit, tpu_queue
+from jobs.cloud import image_digest, startup_script, submit, tpu_queue
 from sae.errors import ConfigError, InputError, Preempted
 from sae.io import manifest, storage
 
@@ -38,6 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT, ZONE, NAME = "my-project", "us-west4-a", "sae-test"
 PARENT = f"projects/{PROJECT}/locations/{ZONE}"
 IMAGE = "us-west4-docker.pkg.dev/my-project/gemma-sae/gemma-sae:abc123"
+# What the fake registry says the tag names now.
+DIGEST = "sha256:" + "5e" * 32
+PINNED = "us-west4-docker.pkg.dev/my-project/gemma-sae/gemma-sae@" + DIGEST
 SERVICE_ACCOUNT = "sae-tpu@my-project.iam.gserviceaccount.com"
 
 
@@ -148,6 +151,45 @@ def _serve(api: FakeTpuApi) -> Iterator[FakeTpuApi]:
         server.server_close()
 
 
+class FakeRegistry(BaseHTTPRequestHandler):
+    """A Docker Registry v2 endpoint (no emulator exists; Artifact Registry serves this API):
+    HEAD /v2/<path>/manifests/<tag> answers the tag's digest; every request is recorded and
+    must ask for both manifest kinds; an unknown tag is a 404."""
+
+    requests: list[tuple[str, str, str]] = []
+    tags = {"my-project/gemma-sae/gemma-sae": {"abc123": DIGEST}}
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        FakeRegistry.requests.append(("HEAD", self.path, self.headers.get("Accept", "")))
+        match = re.fullmatch(r"/v2/(.+)/manifests/([^/]+)", self.path)
+        digest = match and self.tags.get(match.group(1), {}).get(match.group(2))
+        accept = self.headers.get("Accept", "")
+        assert "manifest.v2+json" in accept and "image.index.v1+json" in accept, accept
+        self.send_response(200 if digest else 404)
+        if digest:
+            self.send_header("Docker-Content-Digest", digest)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.fixture(autouse=True)
+def fake_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
+    """Every submission in this module resolves its image tag against FakeRegistry."""
+    FakeRegistry.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeRegistry)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    monkeypatch.setenv(image_digest.ENDPOINT_ENV, f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        yield FakeRegistry.requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def fake_tpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., FakeTpuApi]]:
     """Start a FakeTpuApi and point the submit command's TPU client at it."""
@@ -243,7 +285,8 @@ def test_submit_creates_the_tpu_waits_for_the_manifest_and_deletes_it(
     assert node["serviceAccount"] == {"email": SERVICE_ACCOUNT, "scope": [tpu_queue.SCOPE]}
 
     script = _script(create)
-    assert _script_value(script, "IMAGE") == [IMAGE]
+    # The tag resolved to its digest before the request: every worker runs that image.
+    assert _script_value(script, "IMAGE") == [PINNED]
     assert _script_value(script, "STAGE") == ["train"]
     assert _script_value(script, "OVERRIDES") == ["train.steps=20000"]
     assert _script_value(script, "WORKDIR") == [gcs_bucket_uri]
@@ -344,6 +387,25 @@ def test_a_preempted_spot_tpu_is_resubmitted_and_the_job_resumes(
     err = capsys.readouterr().err
     assert "SUSPENDED (by service)" in err and "resubmitting" in err
     assert "attempt 2 of 3" in err
+    # Both attempts run the digest the tag named at submission, resolved once.
+    assert _script_value(_script(second), "IMAGE") == [PINNED]
+    assert f"{IMAGE} is {PINNED}" in err
+
+
+def test_an_image_tag_the_registry_lacks_stops_before_any_tpu(
+    fake_tpu, fake_registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = fake_tpu([["ACTIVE"]])
+    missing = IMAGE.replace(":abc123", ":not-pushed")
+    with pytest.raises(InputError, match="the registry has no such image or tag") as raised:
+        submit.main(_argv("gs://bucket/run", "--image", missing))
+    assert "\n" not in str(raised.value) and api.requests == []
+    assert fake_registry == [
+        ("HEAD", "/v2/my-project/gemma-sae/gemma-sae/manifests/not-pushed", image_digest.ACCEPT)
+    ]
+    # An image already pinned is used as it is, with no registry request.
+    assert image_digest.resolve(PINNED) == PINNED and len(fake_registry) == 1
+    assert image_digest.split("h/p/q/name") == ("h", "p/q/name", "latest")
 
 
 @pytest.mark.gcs
@@ -494,7 +556,8 @@ def _run_startup(
 def _container_args(calls: list[str]) -> list[str]:
     """The arguments the container got in the script's (one) `docker run`."""
     [run] = [shlex.split(c) for c in calls if c.startswith("docker run")]
-    return run[run.index(IMAGE) + 1 :]
+    image = next(a for a in run if a in (IMAGE, PINNED))
+    return run[run.index(image) + 1 :]
 
 
 def test_startup_script_is_valid_bash(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ config and the overrides. Reports each state change and, once the slice is ACTIV
 GCS for the outcome: the stage's manifest, or a worker's non-zero exit code. It deletes the
 TPU when the job ends, fails, times out or is interrupted (unless --keep). A preempted slice
 (spot), or a worker that exits 75, is deleted and created again, up to --retries times; the
-train stage resumes from its last checkpoint in the workdir.
+train stage resumes from its last checkpoint in the workdir. The image tag is resolved to its
+digest first (jobs/cloud/image_digest.py), so every attempt runs the same image.
 `--dry-run` prints the equivalent gcloud commands instead.
 """
 
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 from jobs.cli import STAGES
-from jobs.cloud import gcloud_commands, startup_script
+from jobs.cloud import gcloud_commands, image_digest, startup_script
 from jobs.cloud.job_outcome import JobWatch, Outcome, final_output
 from jobs.cloud.tpu_queue import NodeRequest, TpuError, TpuQueue
 from sae import config as sae_config
@@ -381,4 +382,13 @@ def main(argv: list[str]) -> None:
     if args.dry_run:
         _print_commands(job, args.script_out)
         return
-    _submit(TpuQueue(), job, args)
+    _submit(TpuQueue(), _pinned(job), args)
+
+
+def _pinned(job: Job) -> Job:
+    """The job with its image tag resolved to a digest, before any TPU is requested: every
+    worker of every attempt then runs the same image, whatever the tag does meanwhile."""
+    image = image_digest.resolve(job.image)
+    if image != job.image:
+        log("submit", f"{job.image} is {image}")
+    return dataclasses.replace(job, image=image)

@@ -24,6 +24,7 @@ TOOLS = {
     "steer": "jobs.steer",
     "import-gemma-scope": "jobs.import_sae",
     "export-neuronpedia": "jobs.export_neuronpedia",
+    "export-transformers": "jobs.export_transformers",
     "submit": "jobs.cloud.submit",
     "retrain": "jobs.cloud.retrain",
 }

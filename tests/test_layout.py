@@ -40,6 +40,7 @@ JOB_STAGE_MODULES = (
     "steer.py",
     "import_sae.py",
     "export_neuronpedia.py",
+    "export_transformers.py",
 )
 MAX_JOB_LINES = 120
 # An __init__.py docstring of a folder of sae/: one short paragraph.

@@ -797,6 +797,11 @@ def test_startup_script_runs_the_stage_in_the_image_on_this_worker(tmp_path) -> 
     assert (parsed.config, parsed.overrides) == ("configs/gemma2-2b-v5e-8.yaml", container[1:4])
     status = "gs://my-bucket/retrain-status/run/attempt-1"
     copies = [c[-1] for c in commands if c[1:3] == ["storage", "cp"]]
+    # The heartbeat, renewed while the stage runs, and stopped with it.
+    beats = [c for c in copies if c.endswith(".alive")]
+    assert beats and set(beats) == {f"{status}/worker-1.alive"}
+    assert copies[-1] == f"{status}/worker-1.json"
+    copies = [c for c in copies if not c.endswith(".alive")]
     assert copies == [f"{status}/worker-1.log", f"{status}/worker-1.json"], "log first"
     reported = json.loads((uploads / "worker-1.json").read_text())
     assert reported["worker"] == 1 and reported["exit_code"] == 0
@@ -896,14 +901,15 @@ GCLOUD_TPU_STUB = """
         finished = qr and qr["polls"] >= 4 and uri.startswith(qr["status"] + "/")
         # The lock test holds the first run's workers until the second run is over.
         finished = finished and not os.path.exists(STATE + ".hold")
+        finished = finished and state["scenario"] != "vanished"  # the VMs died silently
         failed = state["scenario"] == "failed" and worker == 1
         if finished and state.get("promote") and not failed:
             # A good `retrain --promotion-request` asks for its run, at the LATEST it read.
             run, read = state.pop("promote")
             request = {"data": f"{run} {read}\\n", "generation": 7}
             objects["gs://my-bucket/retrain/PROMOTE"] = request
-        if not finished:
-            code = 1
+        if not finished or name.endswith(".alive"):
+            code = 1  # no exit code yet; no heartbeat either (the live case: see retrain tests)
         elif name.endswith(".log"):
             outcome = "error: run 2 failed" if failed else "done: LATEST names run 2"
             lines = [f"attempt {qr['attempt']} worker {worker} line {i}" for i in range(30)]
@@ -1094,6 +1100,20 @@ def test_every_gcloud_command_of_the_retraining_build_is_well_formed(tmp_path) -
             shlex.join(argv),
             done.stderr,
         )
+
+
+def test_workers_that_stop_beating_end_the_attempt(tmp_path, monkeypatch) -> None:
+    """The slice stays ACTIVE but its workers' VMs died: no exit code and no heartbeat. Past
+    the limit (1 s here, 20 minutes by default) the attempt ends like a preemption, a new
+    slice is requested, and after the last attempt the build fails: not a 12-hour wait."""
+    monkeypatch.setenv("RETRAIN_LOST_AFTER_SECONDS", "1")
+    monkeypatch.setenv("RETRAIN_POLL_SECONDS", "0.2")
+    result, state_file = _run_retrain_script("vanished", tmp_path)
+    assert result.returncode == 1
+    assert "worker 0 has sent no heartbeat for over 1 s" in result.stderr
+    assert "still preempted after 3 attempts" in result.stderr
+    final = json.loads(state_file.read_text())
+    assert final["attempts"] == 3 and final["qr"] is None
 
 
 def test_a_good_run_without_a_request_leaves_latest(tmp_path) -> None:

@@ -301,7 +301,7 @@ def test_submit_creates_the_tpu_waits_for_the_manifest_and_deletes_it(
     assert (parsed.stage, parsed.config, parsed.force) == ("train", CONFIG_IN_CONTAINER, False)
     assert parsed.overrides == [f"workdir={gcs_bucket_uri}", "train.steps=20000"]
     assert (tmp_path / "etc_gemma-sae" / "job.yaml").read_text() == (ROOT / config).read_text()
-    assert set(uploads) == {"worker-1.log", "worker-1.json"}
+    assert set(uploads) == {"worker-1.log", "worker-1.json", "worker-1.alive"}
 
     [delete] = api.deletes()
     assert delete.path == f"/v2/{PARENT}/queuedResources/{NAME}"
@@ -406,6 +406,41 @@ def test_an_image_tag_the_registry_lacks_stops_before_any_tpu(
     # An image already pinned is used as it is, with no registry request.
     assert image_digest.resolve(PINNED) == PINNED and len(fake_registry) == 1
     assert image_digest.split("h/p/q/name") == ("h", "p/q/name", "latest")
+
+
+@pytest.mark.gcs
+def test_a_worker_that_stops_beating_ends_the_attempt(
+    fake_tpu, gcs_bucket_uri: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Worker 0's VM dies without an exit code (no heartbeat past the limit): submit stops
+    waiting, deletes the slice and asks again, instead of waiting for --timeout-minutes."""
+    from jobs.cloud import job_outcome
+
+    monkeypatch.setattr(job_outcome, "LOST_AFTER_SECONDS", 0.3)
+    api = fake_tpu(
+        [["ACTIVE"], ["ACTIVE"]],
+        _when("ACTIVE", lambda body: _train_manifest(gcs_bucket_uri), attempt=1),
+    )
+    submit.main(_argv(gcs_bucket_uri, "--retries", "1"))
+    assert len(api.creates()) == 2 and len(api.deletes()) == 2
+    err = capsys.readouterr().err
+    assert "preempted: worker 0 stopped reporting (no heartbeat for 0.3 s)" in err
+
+
+@pytest.mark.gcs
+def test_heartbeats_tell_live_workers_from_lost_ones(gcs_bucket_uri: str) -> None:
+    from jobs.cloud import job_outcome
+
+    status, limit = f"{gcs_bucket_uri}/status", job_outcome.LOST_AFTER_SECONDS
+    storage.write_text(f"{status}/worker-0.alive", "1000000\n")  # beat at t=1e6
+    storage.write_text(f"{status}/worker-2.alive", "1000000\n")
+    lost = job_outcome.lost_workers
+    # Worker 1 has never beaten: lost once the slice is older than the limit; worker 2 is done.
+    assert lost(status, 3, {2: 0}, active_since=1e6, now=1e6 + limit - 1) == []
+    assert lost(status, 3, {2: 0}, active_since=1e6, now=1e6 + limit + 1) == [0, 1]
+    storage.write_text(f"{status}/worker-0.alive", str(int(1e6 + limit)))
+    assert lost(status, 3, {2: 0}, active_since=1e6, now=1e6 + limit + 1) == [1]
+    assert submit._hosts("v5litepod-8") == 1 and submit._hosts("v5litepod-32") == 4
 
 
 @pytest.mark.gcs
@@ -594,6 +629,10 @@ def test_startup_script_runs_the_container_on_a_worker_and_reports_its_exit(
         "gs://bucket/configs/train.yaml",
     )  # fmt: skip
     calls, uploads = _run_startup(script, tmp_path, docker_exit=75)
+    # The heartbeat runs beside the stage (its time and order are its own).
+    beats = [c for c in calls if c.endswith(f"{status}/worker-1.alive")]
+    assert beats and all(c.startswith("gcloud storage cp ") for c in beats)
+    calls = [c for c in calls if c not in beats]
 
     assert calls[0] == "gcloud auth configure-docker us-west4-docker.pkg.dev --quiet"
     assert calls[1] == f"docker pull {IMAGE}"

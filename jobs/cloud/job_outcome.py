@@ -1,8 +1,10 @@
 """What became of a job running on a TPU: the exit codes its workers leave in GCS (see
-jobs/cloud/startup_script.py) and the manifest its stage writes last."""
+jobs/cloud/startup_script.py), the manifest its stage writes last, and the heartbeats that
+tell a running worker from one whose VM died without an exit code."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,6 +13,12 @@ from sae.errors import PREEMPTED_EXIT_CODE
 from sae.io import manifest, storage
 
 _LOG_LINES = 12
+# The startup script renews PREFIX/worker-N.alive this often (its HEARTBEAT_SECONDS)...
+HEARTBEAT_SECONDS = 300
+# ...and a worker without a beat for this long (or without any this long after its slice
+# became ACTIVE) is lost: its VM died without an exit code (a host failure, a maintenance
+# event), and waiting for it would last until the job's deadline.
+LOST_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
 
 
 @dataclass(frozen=True)
@@ -43,8 +51,12 @@ class JobWatch:
         # found its stage up to date (worker 0 exits 0 without writing a new one).
         self._before = manifest.read(output_uri)
 
-    def check(self, status_uri: str) -> Outcome | None:
-        """The outcome, or None while the job is still running."""
+    def check(
+        self, status_uri: str, workers: int = 1, active_since: float | None = None
+    ) -> Outcome | None:
+        """The outcome, or None while the job is still running; given when the slice of
+        `workers` hosts became ACTIVE (epoch seconds), a worker lost without an exit code
+        ends the attempt as a preemption (the stage resumes on a new slice)."""
         exits = worker_exits(status_uri)
         for worker, code in sorted(exits.items()):
             if code not in (0, PREEMPTED_EXIT_CODE):
@@ -69,7 +81,37 @@ class JobWatch:
                 f"worker 0 exited with code 0 but no {self.stage} manifest is at "
                 f"{manifest.manifest_uri(self.output_uri)}",
             )
+        if active_since is not None:
+            lost = lost_workers(status_uri, workers, exits, active_since)
+            if lost:
+                return Outcome(
+                    "preempted",
+                    f"worker {lost[0]} stopped reporting (no heartbeat for "
+                    f"{LOST_AFTER_SECONDS} s): its VM is gone",
+                )
         return None
+
+
+def lost_workers(
+    status_uri: str,
+    workers: int,
+    exits: dict[int, int],
+    active_since: float,
+    now: float | None = None,
+) -> list[int]:
+    """The workers without an exit code whose last heartbeat (or, without one, the slice's
+    start) is older than LOST_AFTER_SECONDS."""
+    now = time.time() if now is None else now
+    lost = []
+    for worker in range(workers):
+        if worker in exits:
+            continue
+        uri = storage.join(status_uri, f"worker-{worker}.alive")
+        text = storage.read_text(uri).strip() if storage.exists(uri) else ""
+        last = max(float(text) if text.isdigit() else 0.0, active_since)
+        if now - last > LOST_AFTER_SECONDS:
+            lost.append(worker)
+    return lost
 
 
 def worker_exits(status_uri: str) -> dict[int, int]:

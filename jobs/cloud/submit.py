@@ -266,7 +266,7 @@ def _follow(
     poll_seconds: float,
 ) -> Outcome:
     """Poll the queued resource, then the job, until one of them has an outcome."""
-    last = None
+    last, active_since = None, 0.0
     while True:
         state = queue.state(request)
         label = state.state if state else "DELETED"
@@ -288,10 +288,11 @@ def _follow(
             by = f" by {state.initiator.lower()}" if state.initiator else ""
             return Outcome(kind, f"the TPU was suspended{by}")
         if state.state == "ACTIVE":
+            active_since = active_since or time.time()
             node = queue.node_state(request)
             if node in ("PREEMPTED", "TERMINATED"):
                 return Outcome("preempted", f"the node is {node}")
-            outcome = watch.check(status_uri)
+            outcome = watch.check(status_uri, _hosts(request.accelerator_type), active_since)
             if outcome is not None:
                 return outcome
         if clock.expired():
@@ -299,6 +300,11 @@ def _follow(
                 "failed", f"no outcome within {clock.minutes:g} minutes (last state {label})"
             )
         _pause(poll_seconds)
+
+
+def _hosts(accelerator_type: str) -> int:
+    """Hosts (workers) of a v5e slice: 8 chips each, one for the smaller slices."""
+    return max(1, int(accelerator_type.rsplit("-", 1)[1]) // 8)
 
 
 def _delete(queue: TpuQueue, request: NodeRequest) -> None:

@@ -19,11 +19,18 @@ resource "google_project_iam_member" "dataflow_worker" {
   member  = local.dataflow_worker_member
 }
 
-# Corpus in, token shards out, the job's temp and staging files: objects of this bucket only.
+# Corpus in, token shards out, the job's temp and staging files: objects of this bucket only,
+# and not the ones only the retraining build writes (LATEST, its promotion request, its lock).
 resource "google_storage_bucket_iam_member" "dataflow_worker_objects" {
   bucket = google_storage_bucket.data.name
   role   = "roles/storage.objectUser"
   member = local.dataflow_worker_member
+
+  condition {
+    title       = "not-retraining-pointers"
+    description = "Every object but the retraining LATEST, PROMOTE and lock."
+    expression  = "resource.name != \"${local.retrain_latest_object}\" && resource.name != \"${local.retrain_promote_object}\" && resource.name != \"${local.retrain_lock_object}\""
+  }
 }
 
 # The worker image (tokenize.dataflow.sdk_container_image).

@@ -25,7 +25,7 @@ locals {
     config        = var.retrain_config
     config_base64 = ""
     # The runtime account may not write LATEST: the retrain stage asks the build to move it.
-    overrides = join(" ", concat(local.retrain_promotes ? ["--promotion-request"] : [], var.retrain_overrides))
+    overrides = join(" ", concat(var.retrain_overrides, local.retrain_promotes ? ["--promotion-request"] : []))
     workdir   = local.retrain_workdir
     # Rendered once: each attempt's status prefix comes from the gemma-sae-status metadata.
     status_uri = ""

@@ -44,6 +44,7 @@ def test_marked_wraps_each_run_of_firing_tokens():
         ("explanation:  \"numbers after 'Step'\"", "numbers after 'Step'"),
         ("first: x\nExplanation: a\nExplanation: b", "b"),
         ("cooking verbs\nmore text", "cooking verbs"),  # no marker: the first line
+        ("Explanation:\n  The word 'the'\nmore", "The word 'the'"),  # on the next line
         ("\n\n", None),
         ("Explanation: " + "x" * 400, None),
     ],
@@ -72,6 +73,8 @@ def test_scores_arithmetic():
     assert scores["balanced_accuracy"] == pytest.approx((2 / 3 + 2 / 3) / 2)
     assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 3)
     assert scores["f1"] == pytest.approx(2 / 3)
+    # Activating examples, none found: F1 is 0, not undefined.
+    assert autointerp.detection_scores([True, False], [0, 0])["f1"] == 0.0
     # One class only among the answered: balanced accuracy is undefined, not 0 or 1.
     assert autointerp.detection_scores([True, False], [1, None])["balanced_accuracy"] is None
     assert autointerp.detection_scores([True], [None])["accuracy"] is None
@@ -94,24 +97,29 @@ def _context(sequence: int, position: int, activation: float) -> dict:
 
 def test_the_explainer_never_sees_the_contexts_it_is_scored_on():
     top = [_context(s, 5, 10.0 - s) for s in range(4)]
-    # Three quantile bands of three samples; one sample repeats a top context.
+    # Three quantile bands of three samples; one sample repeats a top context, one lies in
+    # a shown window (sequence 1, two tokens after the top context there).
     bands = [
         {"samples": [_context(10 + 3 * b + i, 2, 1.0 + b) for i in range(3)]} for b in range(3)
     ]
     bands[0]["samples"][1] = top[0]
+    bands[2]["samples"][2] = _context(1, 6, 1.5)
     summary = {"index": 7, "contexts": top, "quantiles": bands}
-    negatives = [_example(f"quiet {n}", False) for n in range(10)]
-    examples = autointerp.feature_examples(summary, negatives, 3, 2, 4, random.Random(0))
-    assert examples.feature == 7
-    explained = [e.plain().split()[1] for e in examples.explain]
+    held_out = autointerp.feature_examples(summary, 3, 2, 4)
+    assert held_out.feature == 7
+    explained = [e.plain().split()[1] for e in held_out.explain]
     # The 3 strongest, then quantile samples one band at a time (band 0's first, band 1's).
     assert explained == ["s0p5", "s1p5", "s2p5", "s10p2", "s13p2"]
-    activating = sorted(e.plain().split()[1] for e in examples.detect if e.activating)
-    # Held out: the next four in that order (band by band), less the repeated top context.
+    activating = sorted(e.plain().split()[1] for e in held_out.detect)
+    # Held out: the next four in that order (band by band), less the repeated top context
+    # and the sample inside a shown window.
     assert activating == sorted(["s16p2", "s14p2", "s17p2", "s12p2"])
-    assert not set(activating) & set(explained)
+    assert (1, 4, 7) in held_out.spans  # what the explainer read of sequence 1
+    negatives = [_example(f"quiet {n}", False) for n in range(10)]
+    examples = autointerp.with_negatives(held_out, negatives, random.Random(0))
     quiet = sorted(e.plain() for e in examples.detect if not e.activating)
     assert quiet == [f"quiet {n}" for n in range(4)]  # as many as the activating ones
+    assert sorted(e.plain().split()[1] for e in examples.detect if e.activating) == activating
 
 
 def test_non_activating_windows_are_zero_everywhere():
@@ -126,6 +134,14 @@ def test_non_activating_windows_are_zero_everywhere():
         sequences, activations, 1, Pieces(), 3, 5, random.Random(0)
     )
     assert 0 < len(found) <= 5
+    # Windows the explainer read are never scored as non-activating.
+    avoid = [(s, 0, 40) for s in range(6)]
+    assert (
+        autointerp.non_activating_examples(
+            sequences, activations, 1, Pieces(), 3, 5, random.Random(0), avoid=avoid
+        )
+        == []
+    )
     for example in found:
         assert not example.activating and len(example.tokens) <= 7
         ids = [int(t.strip()[1:]) for t in example.tokens]
@@ -314,6 +330,7 @@ def test_endpoint_explainer_explains_and_reads_log_probabilities(endpoint):
             assert example["probability"] == pytest.approx(p if example["activating"] else 1 - p)
     # The key is a header only: never in what the report writes.
     assert KEY not in json.dumps(records) and KEY not in explainer.name
+    assert "127.0.0.1" not in explainer.name  # nor the endpoint's address
 
 
 def test_endpoint_failures_are_reasons_not_crashes(endpoint):

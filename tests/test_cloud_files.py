@@ -377,6 +377,11 @@ def test_service_accounts_have_least_privilege() -> None:
         f"resource.name != {named('latest')} && resource.name != {named('lock')}"
     )
     assert condition_of("tpu_runtime_reads_latest") == f"resource.name == {named('latest')}"
+    # Dataflow workers touch none of the three.
+    assert condition_of("dataflow_worker_objects") == (
+        f"resource.name != {named('latest')} && resource.name != {named('promote')} "
+        f"&& resource.name != {named('lock')}"
+    )
     # The custom roles hold only TPU node permissions (create and delete among them) and only
     # the permission to start builds.
     permissions = _var_default(
@@ -508,6 +513,8 @@ def test_scheduled_retraining_runs_gemma_sae_retrain_on_its_base() -> None:
     assert (arguments["status_uri"], arguments["max_runs"]) == ('""', "1")
     default_base = "${google_storage_bucket.data.url}/retrain"
     assert _locals()["retrain_workdir"].endswith(f': "{default_base}"}}')
+    # The promotion flag goes after the overrides (tests/test_retrain.py parses that order).
+    assert "concat(var.retrain_overrides, local.retrain_promotes" in startup
 
 
 def test_dataflow_workers_reach_each_other_and_nothing_more() -> None:

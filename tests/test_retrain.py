@@ -261,12 +261,17 @@ def test_the_scheduled_command_line_parses():
     argv = [
         "workdir=gs://my-bucket/retrain",
         "model.preset=gs://my-bucket/presets/gemma2_2b_en",
+        "tokenize.input=gs://my-bucket/corpus/*.jsonl",
+        "--promotion-request",
         "--config",
         "configs/gemma2-2b-v5e-8.yaml",
     ]
-    parsed = retrain._parser().parse_args(argv)
-    assert parsed.config == "configs/gemma2-2b-v5e-8.yaml"
-    assert parsed.overrides == argv[:2] and not (parsed.force or parsed.cold)
+    parsed = retrain._parser().parse_intermixed_args(argv)
+    assert parsed.config == "configs/gemma2-2b-v5e-8.yaml" and parsed.promotion_request
+    assert parsed.overrides == argv[:3] and not (parsed.force or parsed.cold)
+    # A flag between overrides too (main parses intermixed, as the stages' command line).
+    mixed = retrain._parser().parse_intermixed_args([argv[0], "--cold", *argv[1:3]])
+    assert mixed.overrides == argv[:3] and mixed.cold
 
 
 @pytest.mark.gcs

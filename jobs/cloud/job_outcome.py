@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sae.config import PipelineConfig
-from sae.errors import PREEMPTED_EXIT_CODE
+from sae.errors import PREEMPTED_EXIT_CODE, StorageError
 from sae.io import manifest, storage
 
 _LOG_LINES = 12
@@ -107,7 +107,10 @@ def lost_workers(
         if worker in exits:
             continue
         uri = storage.join(status_uri, f"worker-{worker}.alive")
-        text = storage.read_text(uri).strip() if storage.exists(uri) else ""
+        try:
+            text = storage.read_text(uri).strip() if storage.exists(uri) else ""
+        except StorageError:
+            continue  # a failed read is no evidence: look again at the next poll
         last = max(float(text) if text.isdigit() else 0.0, active_since)
         if now - last > LOST_AFTER_SECONDS:
             lost.append(worker)

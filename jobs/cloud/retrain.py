@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> None:
-    args = _parser().parse_args(argv)
+    # Intermixed: flags may come between the overrides, as on the stages' command line.
+    args = _parser().parse_intermixed_args(argv)
     init_distributed()
     retrain(
         load(args.config, args.overrides),

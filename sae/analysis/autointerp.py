@@ -131,8 +131,10 @@ def detection_prompt_one(explanation: str, example: Example) -> str:
 def parse_explanation(answer: str) -> str | None:
     """The text after the last "Explanation:", else the answer's first non-empty line;
     None when nothing usable is left (empty, or longer than MAX_EXPLANATION)."""
-    found = re.findall(r"explanation\s*:\s*(.*)", answer, flags=re.IGNORECASE)
-    lines = found[-1:] if found else [line for line in answer.splitlines() if line.strip()][:1]
+    markers = list(re.finditer(r"explanation\s*:", answer, flags=re.IGNORECASE))
+    # After the last marker: the rest of its line, or the next line when that is empty.
+    rest = answer[markers[-1].end() :] if markers else answer
+    lines = [line for line in rest.splitlines() if line.strip()][:1]
     text = lines[0].strip().strip("*` ") if lines else ""
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":  # quoted whole
         text = text[1:-1].strip()
@@ -163,11 +165,7 @@ def detection_scores(truth: Sequence[bool], predicted: Sequence[int | None]) -> 
 
     recall, specificity = ratio(tp, tp + fn), ratio(tn, tn + fp)
     precision = ratio(tp, tp + fp)
-    f1 = (
-        2 * precision * recall / (precision + recall)
-        if precision is not None and recall is not None and precision + recall > 0
-        else (0.0 if precision is not None and recall is not None else None)
-    )
+    f1 = ratio(2 * tp, 2 * tp + fp + fn)  # 0 when it finds none of the activating ones
     return {
         "auroc": None,
         "examples": len(truth),
@@ -200,11 +198,14 @@ def auroc(truth: Sequence[bool], scores: Sequence[float | None]) -> float | None
 
 @dataclass
 class FeatureExamples:
-    """One feature's contexts: those shown to the explainer and those it is scored on."""
+    """One feature's contexts: those shown to the explainer, those it is scored on, and the
+    held-out token spans the shown ones cover ((sequence, start, stop): nothing scored may
+    overlap them, or the explainer would have read it)."""
 
     feature: int
     explain: list[Example]
     detect: list[Example] = field(default_factory=list)
+    spans: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def _example(context: dict[str, Any]) -> Example:
@@ -215,30 +216,50 @@ def _example(context: dict[str, Any]) -> Example:
     return Example(list(context["tokens"]), [float(v) for v in values], True)
 
 
+def _span(context: dict[str, Any]) -> tuple[int, int, int]:
+    start = int(context["position"]) - int(context["highlight"])
+    return int(context["sequence"]), start, start + len(context["tokens"])
+
+
+def _overlaps(span: tuple[int, int, int], spans: Sequence[tuple[int, int, int]]) -> bool:
+    sequence, start, stop = span
+    return any(s == sequence and start < b and a < stop for s, a, b in spans)
+
+
 def feature_examples(
-    summary: dict[str, Any],
-    non_activating: Sequence[Example],
-    explain_top: int,
-    explain_quantile: int,
-    detection: int,
-    rng: random.Random,
+    summary: dict[str, Any], explain_top: int, explain_quantile: int, detection: int
 ) -> FeatureExamples:
     """Split a feature summary's contexts (sae.analysis.features) into the explainer's (the
     strongest `explain_top` and the first `explain_quantile` quantile samples, one per band
-    in turn) and up to `detection` held-out quantile samples plus as many `non_activating`
-    ones, shuffled."""
+    in turn) and up to `detection` held-out quantile samples whose windows overlap none of
+    the explainer's (the activating half of the detection set; `with_negatives` adds the
+    other)."""
     top = summary["contexts"][:explain_top]
-    shown = {(c["sequence"], c["position"]) for c in top}
     bands = [list(band["samples"]) for band in summary.get("quantiles", [])]
     quantile: list[dict[str, Any]] = []
     for round_ in range(max((len(b) for b in bands), default=0)):
         quantile += [b[round_] for b in bands if round_ < len(b)]
-    quantile = [c for c in quantile if (c["sequence"], c["position"]) not in shown]
-    explain = [_example(c) for c in top + quantile[:explain_quantile]]
-    held_out = [_example(c) for c in quantile[explain_quantile:]][:detection]
-    detect = held_out + list(non_activating[: len(held_out)])
+    spans = [_span(c) for c in top]
+    quantile = [c for c in quantile if not _overlaps(_span(c), spans)]
+    shown = top + quantile[:explain_quantile]
+    spans = [_span(c) for c in shown]
+    held_out = [c for c in quantile[explain_quantile:] if not _overlaps(_span(c), spans)]
+    return FeatureExamples(
+        int(summary["index"]),
+        [_example(c) for c in shown],
+        [_example(c) for c in held_out[:detection]],
+        spans,
+    )
+
+
+def with_negatives(
+    examples: FeatureExamples, non_activating: Sequence[Example], rng: random.Random
+) -> FeatureExamples:
+    """The detection set: the held-out activating contexts and as many `non_activating`
+    ones, shuffled."""
+    detect = list(examples.detect) + list(non_activating[: len(examples.detect)])
     rng.shuffle(detect)
-    return FeatureExamples(int(summary["index"]), explain, detect)
+    return FeatureExamples(examples.feature, examples.explain, detect, examples.spans)
 
 
 def non_activating_examples(
@@ -249,10 +270,12 @@ def non_activating_examples(
     window: int,
     count: int,
     rng: random.Random,
+    avoid: Sequence[tuple[int, int, int]] = (),
 ) -> list[Example]:
     """Up to `count` windows of 2 * window + 1 tokens of the held-out sequences in
     `activations` (sequence -> [positions, features shown], sae.analysis.context_values) on
-    which feature column `column` is zero at every position, from distinct sequences first."""
+    which feature column `column` is zero at every position, none overlapping the spans
+    `avoid` (what the explainer read), from distinct sequences first."""
     candidates = [s for s in activations if len(sequences[s]) > 1]
     rng.shuffle(candidates)
     found: list[Example] = []
@@ -263,7 +286,7 @@ def non_activating_examples(
         ids, values = sequences[sequence], activations[sequence][:, column]
         centre = rng.randrange(len(ids))
         start, stop = max(0, centre - window), min(len(ids), centre + window + 1)
-        if np.any(values[start:stop] > 0):
+        if np.any(values[start:stop] > 0) or _overlaps((sequence, start, stop), avoid):
             continue
         tokens = [piece_text(processor, t) for t in ids[start:stop]]
         found.append(Example(tokens, [0.0] * len(tokens), False))
@@ -367,7 +390,8 @@ class EndpointExplainer:
         timeout: float = 120.0,
     ) -> None:
         self.base_url, self.model = base_url.rstrip("/"), model
-        self.name = f"{model} at {self.base_url}"
+        # What the report records: the model, not the endpoint's (maybe internal) address.
+        self.name = f"{model} (OpenAI-compatible endpoint)"
         self.max_tokens, self.timeout = max_tokens, timeout
         key = os.environ.get(api_key_env, "")
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}

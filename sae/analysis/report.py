@@ -636,25 +636,20 @@ def _auto_interpret(
     chosen = summaries[: cfg.features]
     examples = []
     for summary in chosen:
+        held_out = autointerp.feature_examples(
+            summary, cfg.explain_top, cfg.explain_quantile, cfg.detection_examples
+        )
         negatives = autointerp.non_activating_examples(
             result.sequences,
             values.latents,
             values.columns[summary["index"]],
             processor,
             config.report.context_window,
-            cfg.detection_examples,
+            len(held_out.detect),
             rng,
+            avoid=held_out.spans,
         )
-        examples.append(
-            autointerp.feature_examples(
-                summary,
-                negatives,
-                cfg.explain_top,
-                cfg.explain_quantile,
-                cfg.detection_examples,
-                rng,
-            )
-        )
+        examples.append(autointerp.with_negatives(held_out, negatives, rng))
     progress = Progress(f"report {name} auto-interp", len(chosen), unit="feature")
     records = autointerp.interpret(explainer, examples, cfg.detection, cfg.examples_per_prompt)
     progress.update(len(chosen))

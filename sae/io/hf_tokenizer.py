@@ -6,14 +6,14 @@ SentencePiece's defaults (the demo's) does not share.
 The model file is read with a small protocol-buffer reader (its few fields are stable;
 sentencepiece's generated module is tied to one protobuf version). The BPE merges are
 derived from the vocabulary as transformers' converter does: every split of a piece into two
-pieces, ranked by the piece's id (SentencePiece merges the highest-scoring, earliest, piece
-first).
+pieces, ranked by the piece's score (SentencePiece merges the highest-scoring piece first).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,6 +27,7 @@ _BPE = 2
 @dataclass(frozen=True)
 class SentencePieceModel:
     pieces: list[tuple[str, int]]  # (piece, type), in id order
+    scores: list[float]  # each piece's score: BPE merges the highest-scoring piece first
     model_type: int
     byte_fallback: bool
     add_dummy_prefix: bool
@@ -69,6 +70,7 @@ def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
 
 def read_model(proto: bytes) -> SentencePieceModel:
     pieces: list[tuple[str, int]] = []
+    scores: list[float] = []
     model_type, byte_fallback = 1, False
     add_dummy_prefix = remove_extra_whitespaces = True  # the proto's defaults
     for number, value in _fields(proto):
@@ -77,6 +79,8 @@ def read_model(proto: bytes) -> SentencePieceModel:
             piece = fields.get(1, b"")
             kind = fields.get(3, _NORMAL)
             pieces.append((bytes(piece).decode("utf-8"), int(kind)))  # type: ignore[arg-type]
+            score = fields.get(2)
+            scores.append(struct.unpack("<f", score)[0] if isinstance(score, bytes) else 0.0)
         elif number == 2 and isinstance(value, bytes):  # TrainerSpec
             trainer = dict(_fields(value))
             model_type = int(trainer.get(3, 1))  # type: ignore[arg-type]
@@ -88,20 +92,22 @@ def read_model(proto: bytes) -> SentencePieceModel:
     if not pieces:
         raise InputError("not a SentencePiece model: no pieces")
     return SentencePieceModel(
-        pieces, model_type, byte_fallback, add_dummy_prefix, remove_extra_whitespaces
+        pieces, scores, model_type, byte_fallback, add_dummy_prefix, remove_extra_whitespaces
     )
 
 
-def _merges(vocab: dict[str, int], pieces: list[tuple[str, int]]) -> list[tuple[str, str]]:
+def _merges(model: SentencePieceModel, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every split of a normal piece into two pieces, the highest-scoring piece's first (then
+    by id), as SentencePiece's BPE prefers it."""
     ranked = []
-    for piece, kind in pieces:
+    for (piece, kind), score in zip(model.pieces, model.scores, strict=True):
         if kind != _NORMAL:
             continue
         for k in range(1, len(piece)):
             left, right = piece[:k], piece[k:]
             if left in vocab and right in vocab:
-                ranked.append((vocab[piece], k, left, right))
-    return [(left, right) for _, _, left, right in sorted(ranked)]
+                ranked.append((-score, vocab[piece], k, left, right))
+    return [(left, right) for *_, left, right in sorted(ranked)]
 
 
 def tokenizer_json(proto: bytes, bos_id: int) -> str:
@@ -132,7 +138,7 @@ def tokenizer_json(proto: bytes, bos_id: int) -> str:
     tokenizer = Tokenizer(
         BPE(
             vocab=vocab,
-            merges=_merges(vocab, model.pieces),
+            merges=_merges(model, vocab),
             unk_token=unk,
             fuse_unk=True,
             byte_fallback=model.byte_fallback,

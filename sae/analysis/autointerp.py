@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -500,43 +500,35 @@ class ModelExplainer:
 
     def complete(self, prompts: Sequence[str]) -> list[str]:
         g, answers = self.generator, []
-        for ids, token_ids, padding_mask in self._batches(prompts, self.max_new_tokens):
-            rows = len(token_ids)
-            out = g.generate_ids(token_ids, padding_mask, np.zeros(g.hidden_dim), [0.0] * rows, 0)
-            for row, prompt_ids in enumerate(ids):
-                new = [int(t) for t in out[row, len(prompt_ids) :][: self.max_new_tokens]]
-                if g.eos_id in new:
-                    new = new[: new.index(g.eos_id)]
-                answers.append(g.processor.decode(new).split(END_OF_TURN)[0])
+        for ids, count, longest in self._batches(prompts):
+            unsteered = np.zeros((len(ids), g.hidden_dim), np.float32)
+            done = g.generate_rows(ids, unsteered, 0, self.max_new_tokens, length=longest)
+            answers += [row.text.split(END_OF_TURN)[0] for row in done[:count]]
         return answers
 
     def option_probabilities(
         self, prompts: Sequence[str], options: Sequence[str]
     ) -> list[list[float] | None]:
+        from sae.model.generation import right_padded
+
         g = self.generator
         choices = [g.processor.piece_to_id(option) for option in options]
         missing = [o for o, c in zip(options, choices, strict=True) if c == g.processor.unk_id()]
         if missing:
             raise ExplainerError(f"the explainer's vocabulary has no token {missing[0]!r}")
         found: list[list[float] | None] = []
-        for ids, token_ids, padding_mask in self._batches(prompts, 0):
-            logits = g.choice_logits(token_ids, padding_mask, choices)[: len(ids)]
+        for ids, count, longest in self._batches(prompts):
+            logits = g.choice_logits(*right_padded(ids, longest), choices)[:count]
             found += [_normalised(list(row)) for row in logits.astype(np.float64)]
         return found
 
-    def _batches(self, prompts: Sequence[str], room: int):
-        """(prompt ids, token ids, padding mask) of `batch_size` prompts at a time, rows
-        right-padded to a multiple of 64 tokens plus `room`, filler rows repeating the first
-        prompt (one compiled shape per length bucket)."""
+    def _batches(self, prompts: Sequence[str]) -> Iterator[tuple[list[list[int]], int, int]]:
+        """(prompt ids of `batch_size` rows, how many are real prompts, the rows' prompt room:
+        the longest rounded up to a multiple of 64) a batch at a time; filler rows repeat
+        the first prompt (one compiled shape per length bucket)."""
         g = self.generator
         for first in range(0, len(prompts), self.batch_size):
             chunk = prompts[first : first + self.batch_size]
             ids = [g.prompt_ids(USER_TURN.format(prompt=p)) for p in chunk]
             ids += [ids[0]] * (self.batch_size - len(ids))
-            longest = -(-max(len(i) for i in ids) // 64) * 64
-            token_ids = np.zeros((len(ids), longest + room), np.int32)
-            padding_mask = np.zeros(token_ids.shape, bool)
-            for row, prompt_ids in enumerate(ids):
-                token_ids[row, : len(prompt_ids)] = prompt_ids
-                padding_mask[row, : len(prompt_ids)] = True
-            yield ids[: len(chunk)], token_ids, padding_mask
+            yield ids, len(chunk), -(-max(len(i) for i in ids) // 64) * 64

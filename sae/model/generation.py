@@ -32,6 +32,16 @@ from sae.io import presets  # noqa: E402
 from sae.model import lm  # noqa: E402
 
 
+def right_padded(prompt_ids: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """[rows, length] token ids, each row's prompt then zeros, and its padding mask (True on
+    the prompt): the layout the generation loop and `choice_logits` read."""
+    token_ids = np.zeros((len(prompt_ids), length), np.int32)
+    padding_mask = np.zeros(token_ids.shape, bool)
+    for row, ids in enumerate(prompt_ids):
+        token_ids[row, : len(ids)], padding_mask[row, : len(ids)] = ids, True
+    return token_ids, padding_mask
+
+
 @dataclass(frozen=True)
 class Generation:
     """One generated row: the prompt's ids, the new ids (up to and without EOS), the text."""
@@ -118,17 +128,16 @@ class SteeredGenerator:
         max_new_tokens: int = 32,
         top_k: int = 0,
         seed: int = 0,
+        length: int | None = None,
     ) -> list[Generation]:
         """One batch: row i continues `prompt_ids[i]` (BOS included) steered by `vectors[i]`,
         for up to `max_new_tokens` (prompts of different lengths share the batch, each row's
         own prompt kept where it is longer), so a sweep over prompts and vectors is one
-        compiled loop."""
+        compiled loop. `length`: the prompt room of every row (default: the longest prompt),
+        so that batches of nearby lengths share one compiled shape."""
         vectors = np.asarray(vectors, np.float32).reshape(-1, self.hidden_dim)
-        length = max(len(ids) for ids in prompt_ids) + max_new_tokens
-        token_ids = np.zeros((len(prompt_ids), length), np.int32)
-        padding_mask = np.zeros(token_ids.shape, bool)
-        for row, ids in enumerate(prompt_ids):
-            token_ids[row, : len(ids)], padding_mask[row, : len(ids)] = ids, True
+        longest = max(len(ids) for ids in prompt_ids)
+        token_ids, padding_mask = right_padded(prompt_ids, (length or longest) + max_new_tokens)
         out = self._run(token_ids, padding_mask, vectors, layer, top_k, seed)
         return [
             self._decoded(
@@ -141,12 +150,7 @@ class SteeredGenerator:
         self, ids: list[int], batch: int, max_new_tokens: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """The prompt repeated on `batch` rows, padded with room for `max_new_tokens`."""
-        length = len(ids) + max_new_tokens
-        token_ids = np.zeros((batch, length), np.int32)
-        token_ids[:, : len(ids)] = ids
-        padding_mask = np.zeros((batch, length), bool)
-        padding_mask[:, : len(ids)] = True
-        return token_ids, padding_mask
+        return right_padded([ids] * batch, len(ids) + max_new_tokens)
 
     def generate_ids(
         self,

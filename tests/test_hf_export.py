@@ -130,5 +130,14 @@ def test_bad_presets_are_one_line_errors(tmp_path, capsys):
     assert "--preset: no keras-hub preset at" in capsys.readouterr().err
     assert main(["export-transformers", "--preset", "p", "--out", "gs://b/x"]) == 2
     assert "--out must be a local directory" in capsys.readouterr().err
+    # A Gemma 1-style backbone is refused from its config: no model loaded, nothing written.
+    gemma1 = tmp_path / "gemma1"
+    gemma1.mkdir()
+    saved = {"class_name": "GemmaBackbone", "config": {"use_post_ffw_norm": False}}
+    (gemma1 / "config.json").write_text(json.dumps(saved))
+    out = tmp_path / "refused"
+    assert main(["export-transformers", "--preset", str(gemma1), "--out", str(out)]) == 2
+    assert "without post-norms (Gemma 1) is not exported" in capsys.readouterr().err
+    assert not out.exists()
     with pytest.raises(InputError, match="not a SentencePiece model"):
         hf_tokenizer.read_model(b"\x0f")

@@ -19,10 +19,19 @@ def local_copy(preset_uri: str) -> Path:
     return storage.local_copy(preset_uri)
 
 
+def _saved(preset_uri: str) -> dict[str, Any]:
+    return json.loads(storage.read_text(storage.join(preset_uri, "config.json")))
+
+
 def backbone_config(preset_uri: str) -> dict[str, Any]:
     """The backbone's constructor arguments, read without building the model."""
-    config = json.loads(storage.read_text(storage.join(preset_uri, "config.json")))
+    config = _saved(preset_uri)
     return config.get("config", config)
+
+
+def backbone_class(preset_uri: str) -> str:
+    """The backbone's keras-hub class name (GemmaBackbone, Gemma3Backbone, ...)."""
+    return str(_saved(preset_uri).get("class_name", ""))
 
 
 def check_layers(preset_uri: str, layers: list[int]) -> int:

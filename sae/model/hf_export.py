@@ -33,24 +33,28 @@ _ROPE_THETA = 10_000.0
 
 def export(preset_uri: str, out_dir: str) -> list[str]:
     """Write `preset_uri`'s model and tokenizer under the local directory `out_dir` in
-    transformers' format; returns the files written."""
-    from sae.model import lm
+    transformers' format; returns the files written. The family comes from the preset's
+    config, so a refused preset is refused before anything is loaded or written."""
+    import sentencepiece as spm
 
-    backbone = lm.load_backbone(preset_uri, "float32")
-    kind = type(backbone).__name__
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    proto = presets.tokenizer_proto(preset_uri)
-    if kind == "Gemma3Backbone":
-        _gemma3(preset_uri, out)
-    elif kind == "GemmaBackbone" and backbone.use_post_ffw_norm:
-        _gemma2(backbone, proto, out)
-    else:
+    kind = presets.backbone_class(preset_uri)
+    gemma2 = kind == "GemmaBackbone" and presets.backbone_config(preset_uri).get(
+        "use_post_ffw_norm", False
+    )
+    if kind != "Gemma3Backbone" and not gemma2:
         raise InputError(
             f"{preset_uri}: a {kind} without post-norms (Gemma 1) is not exported; Gemma 2 "
             "and Gemma 3 are"
         )
-    _tokenizer(proto, out)
+    proto = presets.tokenizer_proto(preset_uri)
+    processor = spm.SentencePieceProcessor(model_proto=proto)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if gemma2:
+        _gemma2(preset_uri, processor, out)
+    else:
+        _gemma3(preset_uri, out)
+    _tokenizer(proto, processor, out)
     return sorted(str(p) for p in out.iterdir())
 
 
@@ -145,35 +149,29 @@ def gemma2_weights(backbone: Any) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(w) for name, w in weights.items()}
 
 
-def _special_ids(proto: bytes) -> dict[str, int]:
-    import sentencepiece as spm
-
-    processor = spm.SentencePieceProcessor(model_proto=proto)
-    return {
-        "bos_token_id": processor.bos_id(),
-        "eos_token_id": processor.eos_id(),
-        "pad_token_id": _pad_id(processor),
-    }
-
-
 def _pad_id(processor: Any) -> int:
     return processor.pad_id() if processor.pad_id() >= 0 else processor.unk_id()
 
 
-def _gemma2(backbone: Any, proto: bytes, out: Path) -> None:
+def _gemma2(preset_uri: str, processor: Any, out: Path) -> None:
     from safetensors.numpy import save_file
 
-    config = gemma2_config(backbone, _special_ids(proto))
+    from sae.model import lm
+
+    backbone = lm.load_backbone(preset_uri, "float32")
+    special = {
+        "bos_token_id": processor.bos_id(),
+        "eos_token_id": processor.eos_id(),
+        "pad_token_id": _pad_id(processor),
+    }
+    config = gemma2_config(backbone, special)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     save_file(gemma2_weights(backbone), str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _tokenizer(proto: bytes, out: Path) -> None:
+def _tokenizer(proto: bytes, processor: Any, out: Path) -> None:
     """tokenizer.json (a fast tokenizer giving our ids: BOS added, no EOS), its config, and
     the SentencePiece model itself."""
-    import sentencepiece as spm
-
-    processor = spm.SentencePieceProcessor(model_proto=proto)
     piece = processor.id_to_piece
     special = {
         "bos_token": piece(processor.bos_id()),

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import random
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ import pytest
 from sae.analysis import autointerp
 from sae.analysis.autointerp import Example, FeatureExamples
 
-from .conftest import SMALL_SAES
+from .conftest import SMALL_SAES, local_http_server
 
 
 def _example(text: str, activating: bool, fires_on: str = "") -> Example:
@@ -308,11 +307,8 @@ class FakeEndpoint(BaseHTTPRequestHandler):
 def endpoint(monkeypatch) -> Iterator[str]:
     monkeypatch.setenv("TEST_EXPLAINER_KEY", KEY)
     FakeEndpoint.requests, FakeEndpoint.fail = [], False
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeEndpoint)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with local_http_server(FakeEndpoint) as url:
+        yield url + "/v1"
 
 
 def test_endpoint_explainer_explains_and_reads_log_probabilities(endpoint):

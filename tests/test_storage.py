@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,8 @@ import pytest
 
 from sae.errors import InputError, StorageError
 from sae.io import storage
+
+from .conftest import local_http_server
 
 
 @pytest.fixture(params=["local", pytest.param("gcs", marks=pytest.mark.gcs)])
@@ -378,12 +379,9 @@ class _ScriptedGcs(http.server.BaseHTTPRequestHandler):
 def scripted_gcs(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[_ScriptedGcs]]:
     """A fake GCS endpoint for what the emulator never does: fail with 503 or 403."""
     handler = type("Handler", (_ScriptedGcs,), {"script": [], "calls": 0})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
-    yield handler
-    server.shutdown()
-    server.server_close()
+    with local_http_server(handler) as url:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+        yield handler
 
 
 def test_transient_errors_are_retried(scripted_gcs: type[_ScriptedGcs]) -> None:

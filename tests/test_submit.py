@@ -18,11 +18,10 @@ import re
 import shlex
 import shutil
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -33,6 +32,8 @@ from jobs import cli
 from jobs.cloud import image_digest, startup_script, submit, tpu_queue
 from sae.errors import ConfigError, InputError, Preempted
 from sae.io import manifest, storage
+
+from .conftest import local_http_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT, ZONE, NAME = "my-project", "us-west4-a", "sae-test"
@@ -140,15 +141,8 @@ def _serve(api: FakeTpuApi) -> Iterator[FakeTpuApi]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    api.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with local_http_server(Handler) as api.url:
         yield api
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 class FakeRegistry(BaseHTTPRequestHandler):
@@ -179,15 +173,9 @@ class FakeRegistry(BaseHTTPRequestHandler):
 def fake_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
     """Every submission in this module resolves its image tag against FakeRegistry."""
     FakeRegistry.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeRegistry)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    monkeypatch.setenv(image_digest.ENDPOINT_ENV, f"http://127.0.0.1:{server.server_address[1]}")
-    try:
+    with local_http_server(FakeRegistry) as url:
+        monkeypatch.setenv(image_digest.ENDPOINT_ENV, url)
         yield FakeRegistry.requests
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture

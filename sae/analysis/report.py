@@ -302,8 +302,9 @@ def _report(config: PipelineConfig, tokens_manifest: dict, eval_shards: list[str
         summary_files["html"],
         report_html.render_overview("SAE run", overview, curve=bool(curve_files)),
     )
-    counts = {f"{name}/{k}": v for name, m in all_metrics.items() for k, v in m.items()}
-    counts = {k: v for k, v in counts.items() if not k.endswith("/warnings")}
+    counts = {
+        f"{name}/{k}": v for name, m in all_metrics.items() for k, v in m.items() if k != "warnings"
+    }
     outputs = files + curve_files + analysis_files + list(summary_files.values())
     return StageOutput(counts, outputs)
 
